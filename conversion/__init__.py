@@ -1,0 +1,1 @@
+"""conversion: see DESIGN.md; built by its own issue."""

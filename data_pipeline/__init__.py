@@ -1,0 +1,1 @@
+"""data_pipeline: see DESIGN.md; built by its own issue."""

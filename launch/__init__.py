@@ -1,0 +1,1 @@
+"""launch: the `braid` command line, local and SLURM launchers."""

@@ -1,0 +1,38 @@
+"""The `braid` command line. Each subcommand lives with its part of the stack; this file only routes.
+
+    braid data prepare RECIPE.yaml [k=v ...]
+    braid data tokenizer RECIPE.yaml [k=v ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _data(args: argparse.Namespace) -> int:
+    from data_pipeline import cli as data_cli
+    return data_cli.run(args.action, args.recipe, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="braid", description="Pretraining stack for hybrid language models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="prepare corpora: tokenizer training, datatrove -> MDS shards")
+    data.add_argument("action", choices=["prepare", "tokenizer"])
+    data.add_argument("recipe", help="recipe YAML (see configs/data/)")
+    data.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    data.set_defaults(handler=_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError) as err:   # config and input errors: one line, no traceback
+        print(f"braid: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The hybrid language model: embedding -> pattern of pre-norm residual sublayers -> norm -> tied head.
+
+    x = embed(tokens)
+    for each symbol in the pattern:  x = x + mixer(RMSNorm(x))
+    logits = RMSNorm(x) @ embed.weight^T
+
+Forward takes optional `doc_ids` (B, L) marking the documents of packed rows (or the
+padding of a left-padded batch): no document sees another, in any sublayer. With a
+`HybridCache` the same forward prefills it (parallel form) or steps it (one token).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .cache import HybridCache
+from .config import ModelConfig
+from .layers import LinearSpec, RMSNorm, build_mixer
+from .sequence import sequence_info
+
+
+class Sublayer(nn.Module):
+    """Pre-norm residual: x + mixer(norm(x))."""
+
+    def __init__(self, kind: str, cfg: ModelConfig, spec: LinearSpec):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(kind, cfg, spec)
+
+    def forward(self, x: Tensor, seq, cache=None) -> Tensor:
+        return x + self.mixer(self.norm(x), seq, cache)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LinearSpec | None = None):
+        super().__init__()
+        self.cfg = cfg
+        spec = spec or LinearSpec()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Sublayer(kind, cfg, spec) for kind in cfg.layer_types)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Samba's init: N(0, 0.02) everywhere, output projections scaled by 1/sqrt(#sublayers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(self.cfg.n_sublayers)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in self.layers:
+            for name in layer.mixer.output_projections:
+                nn.init.normal_(getattr(layer.mixer, name).weight, std=out_std)
+            if hasattr(layer.mixer, "reset_special_parameters"):
+                layer.mixer.reset_special_parameters()
+
+    def new_cache(self) -> HybridCache:
+        return HybridCache(layers=[layer.mixer.empty_cache() for layer in self.layers])
+
+    def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: HybridCache | None = None) -> Tensor:
+        """input_ids (B, L) -> logits (B, L, vocab) in float32."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape (batch, length), got {tuple(input_ids.shape)}")
+        if cache is not None and len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache: has {len(cache.layers)} layer entries, the model has {len(self.layers)} sublayers")
+        seq = sequence_info(tuple(input_ids.shape), input_ids.device, doc_ids,
+                            cache.offset if cache is not None else None)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, seq, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.offset = seq.positions[:, -1] + 1
+            cache.tokens += input_ids.shape[1]
+        return self.lm_head(self.norm(x)).float()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embeddings else total

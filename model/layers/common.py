@@ -1,0 +1,72 @@
+"""Pieces every block uses: RMSNorm, rotary embeddings, and the linear-layer spec."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, group_size: int | None = None) -> Tensor:
+    """RMS-normalise the last dim (or each group of `group_size` channels of it) in float32."""
+    dtype = x.dtype
+    x = x.float()
+    if group_size is not None and group_size != x.shape[-1]:
+        grouped = x.unflatten(-1, (-1, group_size))
+        x = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    else:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    x = x.to(dtype)
+    return x if weight is None else x * weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.group_size = group_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps, self.group_size)
+
+
+def rotary_cos_sin(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B, 1, L, head_dim) for integer positions (B, L); NeoX/Llama half-rotation layout."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq          # exact for long contexts
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, L, D) by the angles in cos/sin (B, 1, L, D)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """How a block builds its projections, so tensor parallelism never forks block code.
+
+    `column(in, out, bias)` makes a layer whose output features may be split across
+    ranks; `row(in, out, bias)` one whose input features are split and whose output is
+    summed. `tp_size` says how many ranks share a block; blocks divide head and channel
+    counts by it. `all_reduce` sums a partial result over those ranks (Mamba-1's x_proj).
+    The default is a single device: plain nn.Linear, identity reduce.
+    """
+    column: Callable[[int, int, bool], nn.Module] = lambda i, o, bias: nn.Linear(i, o, bias=bias)
+    row: Callable[[int, int, bool], nn.Module] = lambda i, o, bias: nn.Linear(i, o, bias=bias)
+    tp_size: int = 1
+    all_reduce: Callable[[Tensor], Tensor] = lambda x: x
+
+    def local(self, count: int, what: str) -> int:
+        if count % self.tp_size:
+            raise ValueError(f"{what}={count} is not divisible by tensor-parallel size {self.tp_size}")
+        return count // self.tp_size
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up

@@ -1,0 +1,68 @@
+"""Gated linear attention (`G`), the layer of Yang et al. (flash-linear-attention's GatedLinearAttention).
+
+q, k at d_model * expand_k, v at d_model * expand_v, split into heads; a low-rank
+decay gate Linear(d, 16) -> Linear(16, K) then logsigmoid / 16 gives a per-key-dim
+log decay; per head S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t and o_t = (q_t K^-1/2) S_t;
+then per-head RMSNorm, a swish output gate, and o_proj.
+Cache (`RecurrentState`): state (B, H, K, V) in fp32.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache import RecurrentState
+from ..config import ModelConfig
+from ..kernels import use_kernel
+from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
+from ..sequence import SequenceInfo
+from .common import LinearSpec, RMSNorm
+
+
+class GatedLinearAttention(nn.Module):
+    output_projections = ("o_proj",)
+
+    def __init__(self, cfg: ModelConfig, spec: LinearSpec):
+        super().__init__()
+        g = cfg.gla
+        key_dim, value_dim = int(cfg.d_model * g.expand_k), int(cfg.d_model * g.expand_v)
+        self.n_heads = spec.local(g.n_heads, "model.gla.n_heads")
+        self.head_k, self.head_v = key_dim // g.n_heads, value_dim // g.n_heads
+        self.normalizer, self.chunk_size, self.kernels = g.gate_logit_normalizer, g.chunk_size, cfg.kernels
+        self.q_proj = spec.column(cfg.d_model, key_dim, False)
+        self.k_proj = spec.column(cfg.d_model, key_dim, False)
+        self.v_proj = spec.column(cfg.d_model, value_dim, False)
+        self.g_proj = spec.column(cfg.d_model, value_dim, False)             # output gate
+        # low-rank decay gate: the rank-16 input is replicated across TP ranks, its output split
+        self.gk_down = nn.Linear(cfg.d_model, g.gate_low_rank_dim, bias=False)
+        self.gk_up = nn.Linear(g.gate_low_rank_dim, self.n_heads * self.head_k, bias=True)
+        self.g_norm = RMSNorm(self.head_v, cfg.norm_eps)
+        self.o_proj = spec.row(value_dim, cfg.d_model, False)
+
+    def empty_cache(self) -> RecurrentState:
+        return RecurrentState()
+
+    def forward(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None = None) -> Tensor:
+        batch, length, _ = x.shape
+        heads = lambda t, d: t.view(batch, length, self.n_heads, d)
+        q = heads(self.q_proj(x), self.head_k) * self.head_k ** -0.5
+        k = heads(self.k_proj(x), self.head_k)
+        v = heads(self.v_proj(x), self.head_v)
+        log_decay = heads(F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.normalizer, self.head_k)
+        continuing = cache is not None and not cache.empty
+        if not continuing and not seq.packed and use_kernel(self.kernels, ("fla",), x.device):
+            from fla.ops.gla import chunk_gla
+            o, state = chunk_gla(q, k, v, log_decay, scale=1.0, output_final_state=cache is not None)
+        elif continuing and length == 1:
+            o, state = linear_attention_step(q[:, 0].float(), k[:, 0].float(), v[:, 0].float(), log_decay[:, 0], cache.state)
+            o = o.unsqueeze(1)
+        else:
+            o, state = chunk_linear_attention(
+                q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+                log_decay.transpose(1, 2), initial_state=cache.state if continuing else None,
+                reset=seq.reset, chunk_size=self.chunk_size)
+            o = o.transpose(1, 2)
+        if cache is not None:
+            cache.state = state.float()
+        o = self.g_norm(o.to(x.dtype)) * F.silu(heads(self.g_proj(x), self.head_v))
+        return self.o_proj(o.reshape(batch, length, self.n_heads * self.head_v))

@@ -1,0 +1,120 @@
+"""Mamba-2 mixer (`M` with mamba.version=2): SSD with scalar decay per head and shared B/C groups.
+
+Parameter names and shapes follow `transformers`' Mamba2Mixer: in_proj emits
+[z, xBC, dt]; the conv runs over xBC = [x, B, C]. Per head h (state N x head dim P):
+    S_t = exp(dt_t * A_h) * S_{t-1} + B_t^T (dt_t * x_t),   y_t = C_t S_t + D_h * x_t
+then y = RMSNorm(y * silu(z)) per group, out_proj. The scan is chunked linear
+attention with q = C, k = B, v = dt * x and a scalar log decay dt * A.
+Cache (`RecurrentState`): conv tail (B, K-1, conv_dim) and state (B, H, N, P).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache import RecurrentState
+from ..config import ModelConfig
+from ..kernels import use_kernel
+from ..ops.conv import causal_conv1d, causal_conv1d_step
+from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
+from ..sequence import SequenceInfo
+from .common import LinearSpec, RMSNorm
+from .mamba import init_dt_bias
+
+
+class Mamba2(nn.Module):
+    output_projections = ("out_proj",)
+
+    def __init__(self, cfg: ModelConfig, spec: LinearSpec):
+        super().__init__()
+        m = self.cfg = cfg.mamba
+        self.kernels = cfg.kernels
+        self.n_heads = spec.local(cfg.mamba2_heads, "Mamba-2 heads")
+        self.n_groups = spec.local(m.n_groups, "model.mamba.n_groups")
+        self.head_dim, self.d_state = m.head_dim, m.d_state
+        self.d_inner = self.n_heads * m.head_dim
+        self.conv_dim = self.d_inner + 2 * self.n_groups * m.d_state
+        projection = 2 * cfg.d_inner + 2 * m.n_groups * m.d_state + cfg.mamba2_heads
+        self.in_proj = spec.column(cfg.d_model, projection, False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, m.d_conv, groups=self.conv_dim, bias=m.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = RMSNorm(self.d_inner, cfg.norm_eps, group_size=self.d_inner // self.n_groups)
+        self.out_proj = spec.row(cfg.d_inner, cfg.d_model, False)
+        self.reset_special_parameters()
+
+    def reset_special_parameters(self) -> None:
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
+            self.D.fill_(1.0)
+            self.dt_bias.copy_(init_dt_bias(self.n_heads, self.cfg.dt_min, self.cfg.dt_max, self.cfg.dt_init_floor))
+            self.norm.weight.fill_(1.0)
+
+    def empty_cache(self) -> RecurrentState:
+        return RecurrentState()
+
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+    def forward(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None = None) -> Tensor:
+        continuing = cache is not None and not cache.empty
+        if not continuing and use_kernel(self.kernels, ("mamba_ssm", "causal_conv1d"), x.device):
+            return self._forward_cuda(x, seq, cache)
+        batch, length, _ = x.shape
+        z, xbc, dt = self._split(self.in_proj(x))
+        conv_weight = self.conv1d.weight[:, 0]
+        if continuing and length == 1:
+            xbc, conv_state = causal_conv1d_step(xbc[:, 0], conv_weight, self.conv1d.bias, cache.conv)
+            xbc = xbc.unsqueeze(1)
+        else:
+            xbc, conv_state = causal_conv1d(xbc, conv_weight, self.conv1d.bias,
+                                            cache.conv if continuing else None, seq.reset)
+        xs, B, C = F.silu(xbc).split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())                   # (B, L, H)
+        log_decay = (dt * -torch.exp(self.A_log.float())).transpose(1, 2).unsqueeze(-1)   # (B, H, L, 1)
+        per_head = self.n_heads // self.n_groups
+        groups_to_heads = lambda t: t.float().view(batch, length, self.n_groups, self.d_state) \
+            .repeat_interleave(per_head, dim=2).transpose(1, 2)                           # (B, H, L, N)
+        xs = xs.float().view(batch, length, self.n_heads, self.head_dim)
+        v = (xs * dt.unsqueeze(-1)).transpose(1, 2)                                       # (B, H, L, P)
+        if continuing and length == 1:
+            y, state = linear_attention_step(groups_to_heads(C)[:, :, 0], groups_to_heads(B)[:, :, 0],
+                                             v[:, :, 0], log_decay[:, :, 0], cache.state)
+            y = y.unsqueeze(2)
+        else:
+            y, state = chunk_linear_attention(groups_to_heads(C), groups_to_heads(B), v, log_decay,
+                                              initial_state=cache.state if continuing else None,
+                                              reset=seq.reset, chunk_size=self.cfg.chunk_size)
+        y = y.transpose(1, 2) + xs * self.D.float().view(-1, 1)
+        if cache is not None:
+            cache.conv, cache.state = conv_state, state
+        return self._gated_out(y.reshape(batch, length, self.d_inner), z)
+
+    def _gated_out(self, y: Tensor, z: Tensor) -> Tensor:
+        # gate before the norm (mamba_ssm's norm_before_gate=False), normalised per group
+        return self.out_proj(self.norm((y * F.silu(z.float())).to(z.dtype)))
+
+    def _forward_cuda(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None) -> Tensor:
+        from causal_conv1d import causal_conv1d_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        batch, length, _ = x.shape
+        z, xbc, dt = self._split(self.in_proj(x))
+        seq_idx = seq.segments.int() if seq.segments is not None else None
+        xbc_conv = causal_conv1d_fn(xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias,
+                                    seq_idx=seq_idx, activation="silu").transpose(1, 2)
+        xs, B, C = xbc_conv.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        out = mamba_chunk_scan_combined(
+            xs.view(batch, length, self.n_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            B.view(batch, length, self.n_groups, self.d_state), C.view(batch, length, self.n_groups, self.d_state),
+            chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx,
+            return_final_states=cache is not None)
+        y = out[0] if cache is not None else out
+        if cache is not None:
+            k = self.conv1d.weight.shape[-1]
+            tail = xbc[:, -(k - 1):]
+            cache.conv = F.pad(tail, (0, 0, k - 1 - tail.shape[1], 0))
+            cache.state = out[1].float().transpose(-1, -2)                     # (B, H, P, N) -> (B, H, N, P)
+        return self._gated_out(y.reshape(batch, length, self.d_inner), z)

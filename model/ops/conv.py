@@ -1,0 +1,48 @@
+"""Depthwise causal 1-D convolution (Mamba's and Griffin's short conv) with state and resets."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                  initial_state: Tensor | None = None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """y_t = bias + sum_j weight[:, K-1-j] * x_{t-j}, over lags j the current document can see.
+
+    x: (B, L, C); weight: (C, K); bias: (C,); initial_state: (B, K-1, C), the inputs
+    before x (zeros if None); reset: (B, L) bool, True where a document starts: lags
+    that reach back across it read zeros, as at the start of a sequence.
+    Returns y (B, L, C) and the final state (B, K-1, C): the last K-1 inputs of the
+    current document (earlier documents' inputs zeroed, so a decode step cannot see them).
+    """
+    batch, length, channels = x.shape
+    width = weight.shape[1]
+    if initial_state is None:
+        initial_state = x.new_zeros(batch, width - 1, channels)
+    padded = torch.cat([initial_state.to(x.dtype), x], dim=1)           # (B, K-1+L, C)
+    segment = None
+    if reset is not None:
+        # the initial state continues the first document: it shares segment 0
+        segment = torch.cat([reset.new_zeros(batch, width - 1, dtype=torch.long),
+                             reset.long().cumsum(1)], dim=1)            # (B, K-1+L)
+    y = x * weight[:, width - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, width - 1])
+    for lag in range(1, width):
+        tap = padded[:, width - 1 - lag: width - 1 - lag + length]
+        if segment is not None:
+            same_doc = segment[:, width - 1 - lag: width - 1 - lag + length] == segment[:, width - 1:]
+            tap = tap * same_doc.unsqueeze(-1).to(x.dtype)
+        y = y + tap * weight[:, width - 1 - lag]
+    final_state = padded[:, padded.shape[1] - (width - 1):]
+    if segment is not None:
+        tail = segment[:, segment.shape[1] - (width - 1):]
+        final_state = final_state * (tail == segment[:, -1:]).unsqueeze(-1).to(x.dtype)
+    return y, final_state
+
+
+def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token: x (B, C), state (B, K-1, C) -> y (B, C), new state."""
+    window = torch.cat([state.to(x.dtype), x.unsqueeze(1)], dim=1)     # (B, K, C)
+    y = torch.einsum("bkc,ck->bc", window, weight.to(x.dtype))
+    if bias is not None:
+        y = y + bias
+    return y, window[:, 1:]

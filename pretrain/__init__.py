@@ -1,0 +1,1 @@
+"""pretrain: see DESIGN.md; built by its own issue."""
