@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..cache import RecurrentState
 from ..config import ModelConfig
 from ..kernels import use_kernel
-from ..ops.conv import causal_conv1d, causal_conv1d_step
+from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_tail
 from ..ops.selective_scan import selective_scan
 from ..sequence import SequenceInfo
 from .common import LinearSpec
@@ -103,9 +103,7 @@ class Mamba(nn.Module):
             return_last_state=cache is not None)
         if cache is not None:
             y, last = out
-            k = self.conv1d.weight.shape[-1]
-            tail = x[:, -(k - 1):]
-            cache.conv = F.pad(tail, (0, 0, k - 1 - tail.shape[1], 0))
+            cache.conv = conv_tail(x, self.conv1d.weight.shape[-1], None)
             cache.state = last.float()
         else:
             y = out

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..cache import RecurrentState
 from ..config import ModelConfig
 from ..kernels import use_kernel
-from ..ops.conv import causal_conv1d, causal_conv1d_step
+from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_tail
 from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
 from ..sequence import SequenceInfo
 from .common import LinearSpec, RMSNorm
@@ -113,8 +113,6 @@ class Mamba2(nn.Module):
             return_final_states=cache is not None)
         y = out[0] if cache is not None else out
         if cache is not None:
-            k = self.conv1d.weight.shape[-1]
-            tail = xbc[:, -(k - 1):]
-            cache.conv = F.pad(tail, (0, 0, k - 1 - tail.shape[1], 0))
+            cache.conv = conv_tail(xbc, self.conv1d.weight.shape[-1], seq.segments)
             cache.state = out[1].float().transpose(-1, -2)                     # (B, H, P, N) -> (B, H, N, P)
         return self._gated_out(y.reshape(batch, length, self.d_inner), z)

@@ -32,11 +32,18 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
             same_doc = segment[:, width - 1 - lag: width - 1 - lag + length] == segment[:, width - 1:]
             tap = tap * same_doc.unsqueeze(-1).to(x.dtype)
         y = y + tap * weight[:, width - 1 - lag]
-    final_state = padded[:, padded.shape[1] - (width - 1):]
+    return y, conv_tail(padded, width, segment)
+
+
+def conv_tail(inputs: Tensor, width: int, segment: Tensor | None = None) -> Tensor:
+    """The conv state after `inputs` (B, T, C): its last K-1 rows, left-padded with zeros
+    when T < K-1, and zeroed where they belong to an earlier document than the last token
+    (segment: (B, T) running document index, or None)."""
+    tail = inputs[:, -(width - 1):]
     if segment is not None:
-        tail = segment[:, segment.shape[1] - (width - 1):]
-        final_state = final_state * (tail == segment[:, -1:]).unsqueeze(-1).to(x.dtype)
-    return y, final_state
+        same_doc = segment[:, -(width - 1):] == segment[:, -1:]
+        tail = tail * same_doc.unsqueeze(-1).to(tail.dtype)
+    return torch.nn.functional.pad(tail, (0, 0, width - 1 - tail.shape[1], 0))
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
