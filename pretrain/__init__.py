@@ -1,1 +1,1 @@
-"""pretrain: see DESIGN.md; built by its own issue."""
+"""pretrain: the training loop, schedules, optimizer groups, checkpoints and metrics."""
