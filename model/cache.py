@@ -82,7 +82,6 @@ class KVCache:
 class HybridCache:
     layers: list[RecurrentState | KVCache | None]
     offset: Tensor | None = None        # (B,) tokens of the current document already seen
-    tokens: int = 0                     # tokens fed per row so far
 
     def nbytes(self) -> int:
         total = 0

@@ -75,7 +75,7 @@ class MambaConfig:
     conv_bias: bool = True
     head_dim: int = 64          # Mamba-2 only
     n_groups: int = 1           # Mamba-2 only: B and C shared by n_heads / n_groups heads
-    chunk_size: int = 64
+    chunk_size: int = 64        # Mamba-2's SSD chunk (Mamba-1's fused scan sizes its chunks to the cache)
 
 
 @dataclass
@@ -257,7 +257,7 @@ PRESETS: dict[str, Any] = {
     # CPU-sized, every sublayer type; trains at seconds per step on 2 cores.
     "tiny": lambda: ModelConfig(
         vocab_size=4096, d_model=128, pattern="M-G-S-R-*-", mlp_hidden=384, max_seq_len=256,
-        mamba=MambaConfig(version=1, d_state=16, d_conv=4, expand=2, chunk_size=32),
+        mamba=MambaConfig(version=1, d_state=16, d_conv=4, expand=2),
         attn=AttentionConfig(n_heads=4, n_kv_heads=2, window=64),
         gla=GLAConfig(n_heads=2, chunk_size=32),
         rglru=RGLRUConfig(n_heads=4),

@@ -79,7 +79,6 @@ class HybridLM(nn.Module):
             x = layer(x, seq, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.offset = seq.positions[:, -1] + 1
-            cache.tokens += input_ids.shape[1]
         return self.lm_head(self.norm(x)).float()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
