@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.config import ConfigError
+
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
@@ -26,15 +28,15 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
-            raise ValueError(f"train.schedule.name={self.name!r}: must be one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"schedule.name={self.name!r}: must be one of {', '.join(SCHEDULES)}")
         if self.decay_shape not in DECAY_SHAPES:
-            raise ValueError(f"train.schedule.decay_shape={self.decay_shape!r}: must be one of {', '.join(DECAY_SHAPES)}")
+            raise ConfigError(f"schedule.decay_shape={self.decay_shape!r}: must be one of {', '.join(DECAY_SHAPES)}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.schedule.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+            raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if not 0 <= self.warmup_fraction < 1 or not 0 < self.decay_fraction <= 1:
-            raise ValueError("train.schedule: warmup_fraction must be in [0, 1) and decay_fraction in (0, 1]")
+            raise ConfigError("schedule: warmup_fraction must be in [0, 1) and decay_fraction in (0, 1]")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"train.schedule.warmup_steps={self.warmup_steps}: must be >= 0")
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps}: must be >= 0")
 
 
 def _decay(progress: float, shape: str) -> float:

@@ -43,7 +43,7 @@ def test_scheduler_drives_the_optimizer():
 
 
 def test_bad_schedule_names_the_field():
-    with pytest.raises(ValueError, match="train.schedule.name"):
+    with pytest.raises(ValueError, match="^schedule.name"):
         ScheduleConfig(name="linear-ish")
 
 
@@ -60,3 +60,34 @@ def test_weight_decay_groups():
     assert any(n.endswith("recurrent_param") for n in kept) and any(n.endswith("input_gate_bias") for n in kept)
     assert all(decays(n, tuple(dict(model.named_parameters())[n].shape)) for n in decayed)
     assert any(n.endswith("q_proj.weight") for n in decayed) and any(n.endswith("input_gate_weight") for n in decayed)
+
+
+def _config(**sections):
+    from pretrain.config import train_config
+    base = {"model": {"preset": "tiny"}, "data": {"train": ["data/tiny/train"], "seq_len": 256}}
+    base.update(sections)
+    return train_config(base)
+
+
+def test_train_config_reads_sections_and_stream_shorthand():
+    cfg = _config(data={"train": ["a/train", {"path": "b/train", "proportion": 0.3}], "seq_len": 128},
+                  schedule={"name": "wsd", "decay_fraction": 0.1}, optim={"lr": 1e-3})
+    assert [s.path for s in cfg.data.train] == ["a/train", "b/train"] and cfg.data.train[1].proportion == 0.3
+    assert cfg.schedule.name == "wsd" and cfg.optim.lr == 1e-3 and cfg.model.pattern == "M-G-S-R-*-"
+    assert cfg.to_dict()["data"]["seq_len"] == 128
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"train": {"max_stpes": 3}}, r"^train\.max_stpes: unknown key"),
+    ({"data": {"train": [{"path": "x", "weight": 1}]}}, r"^data\.train\[0\]\.weight: unknown key"),
+    ({"model": {"preset": "tiny", "d_modle": 3}}, r"model: unknown key"),
+    ({"train": {"max_steps": 0}}, r"^train\.max_steps=0"),
+    ({"data": {"train": []}}, r"^data\.train: needs at least one stream"),
+    ({"parallel": {"tp": 2}}, r"^parallel\.tp=2"),
+    ({"schedule": {"name": "step"}}, r"^schedule\.name='step'"),
+])
+def test_train_config_errors_name_the_key(sections, message):
+    from model.config import ConfigError
+    with pytest.raises(ConfigError, match=message) as err:
+        _config(**sections)
+    assert "\n" not in str(err.value)

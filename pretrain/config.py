@@ -1,0 +1,164 @@
+"""The training config: one YAML file (`braid train CONFIG.yaml k=v ...`), as nested dataclasses.
+
+    run_dir: runs/tiny
+    seed: 0
+    model: {preset: tiny, ...}            # model.config.ModelConfig fields over a preset
+    data:
+      train: [{path: data/tiny/train, proportion: null}]   # one or more MDS streams (mixture)
+      val: data/tiny/val                  # null: no validation
+      seq_len: 256                        # rows must hold seq_len + 1 tokens
+      micro_batch: 8                      # sequences per rank per micro-step
+    optim: {lr: 4e-4, weight_decay: 0.1, betas: [0.9, 0.95], eps: 1e-8, grad_clip: 1.0}
+    schedule: {name: cosine, warmup_fraction: 0.01, min_lr_ratio: 0.1}   # pretrain.schedule.ScheduleConfig
+    train:
+      max_steps: 1000                     # optimizer steps
+      grad_accum: 1
+      log_every: 10
+      val_every: 200                      # 0: never
+      val_batches: 8
+      val_lengths: [1, 2, 4]              # validation loss at these multiples of seq_len
+      max_nonfinite: 5                    # consecutive skipped steps before the run stops
+    checkpoint: {every: 200, keep: 3}
+    parallel: {tp: 1, pp: 1, zero_stage: 1}
+    logging: {tensorboard: true}
+
+Unknown keys anywhere are errors naming their path (`train.max_stpes`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from model import ModelConfig
+from model.config import ConfigError
+
+from .schedule import ScheduleConfig
+
+
+@dataclass
+class StreamConfig:
+    path: str = ""
+    proportion: float | None = None
+
+
+@dataclass
+class DataConfig:
+    train: list[StreamConfig] = field(default_factory=list)
+    val: str | None = None
+    seq_len: int = 256
+    micro_batch: int = 8
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000
+    grad_accum: int = 1
+    log_every: int = 10
+    val_every: int = 200
+    val_batches: int = 8
+    val_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
+    max_nonfinite: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200
+    keep: int = 3
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        positive = {"data.seq_len": self.data.seq_len, "data.micro_batch": self.data.micro_batch,
+                    "train.max_steps": self.train.max_steps, "train.grad_accum": self.train.grad_accum,
+                    "train.log_every": self.train.log_every, "checkpoint.keep": self.checkpoint.keep}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        if not self.data.train:
+            raise ConfigError("data.train: needs at least one stream ({path: ...})")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr={self.optim.lr}: must be > 0")
+        if self.parallel.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.parallel.zero_stage}: must be 0, 1, 2 or 3")
+        if self.parallel.tp != 1 or self.parallel.pp != 1:
+            raise ConfigError(f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: "
+                              "tensor and pipeline parallelism are not built yet (issue 5); use 1")
+        if any(k < 1 for k in self.train.val_lengths):
+            raise ConfigError(f"train.val_lengths={self.train.val_lengths}: multiples must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Nested dataclass from plain YAML data; unknown keys and wrong shapes name their path."""
+    if cls is ModelConfig:
+        return ModelConfig.from_dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    at = lambda key: f"{where}.{key}" if where else key
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{at(unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = build(hint, value, at(key))
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            item = typing.get_args(hint)[0]
+            if not isinstance(value, list):
+                raise ConfigError(f"{at(key)}: expected a list, got {type(value).__name__}")
+            values[key] = [build(item, {"path": v} if isinstance(v, str) else v, f"{at(key)}[{i}]")
+                           for i, v in enumerate(value)]
+        else:
+            values[key] = value
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise                                   # already names its field
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def train_config(data: dict[str, Any]) -> TrainConfig:
+    config = build(TrainConfig, data, "")
+    config.validate()
+    return config
