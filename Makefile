@@ -29,9 +29,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_loader.py
 
-train: $(STAMP)
-	@echo "make train: the training loop is not built yet (issue 4: pretraining on DeepSpeed)." >&2
-	@exit 2
+# the bundled corpus -> tokenizer -> shards, only when the shards are missing
+TINY_DATA := data/tiny/braid_data.json
+
+$(TINY_DATA): | $(STAMP)
+	$(VENV)/bin/braid data tokenizer configs/data/tiny.yaml
+	$(VENV)/bin/braid data prepare configs/data/tiny.yaml
+
+train: $(STAMP) $(TINY_DATA)
+	$(VENV)/bin/braid train configs/tiny.yaml
 
 clean:
 	rm -rf $(VENV)

@@ -2,6 +2,7 @@
 
     braid data prepare RECIPE.yaml [k=v ...]
     braid data tokenizer RECIPE.yaml [k=v ...]
+    braid train CONFIG.yaml [k=v ...]
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ def _data(args: argparse.Namespace) -> int:
     return data_cli.run(args.action, args.recipe, args.overrides)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pretrain import train
+    return train.run(args.config, args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braid", description="Pretraining stack for hybrid language models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("recipe", help="recipe YAML (see configs/data/)")
     data.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     data.set_defaults(handler=_data)
+    train = commands.add_parser("train", help="train a model (one process, or one per rank under torchrun/srun)")
+    train.add_argument("config", help="training YAML (see configs/tiny.yaml)")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    train.set_defaults(handler=_train)
     return parser
 
 

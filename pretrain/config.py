@@ -18,6 +18,7 @@
       val_batches: 8
       val_lengths: [1, 2, 4]              # validation loss at these multiples of seq_len
       max_nonfinite: 5                    # consecutive skipped steps before the run stops
+      stop_after: null                    # end this invocation after this step; a rerun resumes
     checkpoint: {every: 200, keep: 3}
     parallel: {tp: 1, pp: 1, zero_stage: 1}
     logging: {tensorboard: true}
@@ -69,6 +70,7 @@ class LoopConfig:
     val_batches: int = 8
     val_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
     max_nonfinite: int = 5
+    stop_after: int | None = None     # end this invocation after this step (the schedule still spans max_steps)
 
 
 @dataclass

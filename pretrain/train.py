@@ -1,0 +1,201 @@
+"""`braid train CONFIG.yaml [k=v ...]`: the DeepSpeed training loop.
+
+A token's way: MDS row -> `data_pipeline.streaming` batch {input_ids, labels, doc_ids}
+-> `HybridLM(input_ids, doc_ids)` -> cross-entropy -> `engine.backward` -> `engine.step`
+(DeepSpeed clips, steps AdamW and the LR schedule at the accumulation boundary).
+
+Runs as one process (`python -m pretrain.train` or `braid train`) or one per rank under
+torchrun/srun (data parallel through ZeRO; gloo on CPU, nccl on GPU). A run directory that
+holds a checkpoint is resumed. SIGTERM/SIGUSR1 save at the next step boundary and exit with
+REQUEUE_EXIT_CODE, which the launchers requeue on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
+
+from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader
+from model import HybridLM
+
+from . import checkpoint
+from .config import TrainConfig, train_config
+from .flops import device_peak_flops, mfu
+from .optim import param_groups
+from .schedule import build_scheduler
+
+REQUEUE_EXIT_CODE = 75          # EX_TEMPFAIL: preempted after a clean checkpoint; requeue me
+
+
+def init_distributed() -> tuple[int, int]:
+    if "RANK" not in os.environ:  # a plain single process: a one-rank group on a free local port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": torch.cuda.is_available()},
+        "steps_per_print": 10 ** 9,
+    }
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (preemption) set a flag; the loop saves at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, active: bool):
+        self.active = active
+        self.writer = None
+        if active:
+            self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    import deepspeed
+    from tqdm import tqdm
+
+    rank, world = init_distributed()
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    torch.manual_seed(cfg.seed)
+
+    model = HybridLM(cfg.model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg))
+    loader = build_train_loader(
+        LoaderConfig(streams=[StreamSource(path=s.path, proportion=s.proportion) for s in cfg.data.train],
+                     seq_len=cfg.data.seq_len, batch_size=cfg.data.micro_batch, seed=cfg.seed),
+        dp_rank=rank, dp_world_size=world)
+
+    step = 0
+    resumed = checkpoint.load_latest(engine, cfg.run_dir)
+    if resumed is not None:
+        step = resumed["step"]
+        loader.load_state_dict(resumed["loader"])
+
+    stop = StopRequest()
+    metrics = MetricsLog(cfg.run_dir, cfg.logging.tensorboard, active=rank == 0)
+    peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * world
+    batches = loader.batches()
+    progress = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, desc="train", unit="step")
+    window_start, window_tokens, last_saved = time.perf_counter(), 0, step
+    exit_code = 0
+    end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
+    while step < end:
+        step_loss = 0.0
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batches)
+            loss = loss_fn(engine(batch["input_ids"], doc_ids=batch["doc_ids"]), batch["labels"])
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / cfg.train.grad_accum
+        if world > 1:                           # log the global batch's loss, not rank 0's share
+            mean = torch.tensor(step_loss, dtype=torch.float64)
+            dist.all_reduce(mean)
+            step_loss = mean.item() / world
+        step += 1
+        window_tokens += tokens_per_step
+        progress.update(1)
+        if step % cfg.train.log_every == 0 or step == end:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                      "tokens": step * tokens_per_step, "tokens_per_s": window_tokens / elapsed}
+            if peak is not None:
+                record["mfu"] = mfu(record["tokens_per_s"], cfg.model, cfg.data.seq_len, peak)
+            metrics.log(record)
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
+            window_start, window_tokens = time.perf_counter(), 0
+        preempted = stop.signal is not None
+        if preempted or step % cfg.checkpoint.every == 0 or step == end:
+            checkpoint.save(engine, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict()},
+                            cfg.checkpoint.keep)
+            last_saved = step
+        if preempted:
+            if rank == 0:
+                print(f"signal {stop.signal}: saved step {step} to {checkpoint.checkpoint_dir(cfg.run_dir)}; "
+                      f"exiting with {REQUEUE_EXIT_CODE} for requeue", flush=True)
+            exit_code = REQUEUE_EXIT_CODE
+            break
+    progress.close()
+    metrics.close()
+    return {"step": step, "last_saved": last_saved, "exit_code": exit_code,
+            "checkpoint": os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.latest_tag(cfg.run_dir) or "")}
+
+
+def run(config_path: str, overrides: list[str]) -> int:
+    from launch.config_io import load_config
+    cfg = train_config(load_config(config_path, overrides))
+    result = train(cfg)
+    if dist.get_rank() == 0 and result["exit_code"] == 0:
+        print(f"done: step {result['step']}, checkpoint {result['checkpoint']}", flush=True)
+    return result["exit_code"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    from launch.cli import main
+    raise SystemExit(main(["train", *sys.argv[1:]]))
