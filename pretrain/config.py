@@ -5,7 +5,6 @@
     model: {preset: tiny, ...}            # model.config.ModelConfig fields over a preset
     data:
       train: [{path: data/tiny/train, proportion: null}]   # one or more MDS streams (mixture)
-      val: data/tiny/val                  # null: no validation
       seq_len: 256                        # rows must hold seq_len + 1 tokens
       micro_batch: 8                      # sequences per rank per micro-step
     optim: {lr: 4e-4, weight_decay: 0.1, betas: [0.9, 0.95], eps: 1e-8, grad_clip: 1.0}
@@ -14,10 +13,6 @@
       max_steps: 1000                     # optimizer steps
       grad_accum: 1
       log_every: 10
-      val_every: 200                      # 0: never
-      val_batches: 8
-      val_lengths: [1, 2, 4]              # validation loss at these multiples of seq_len
-      max_nonfinite: 5                    # consecutive skipped steps before the run stops
       stop_after: null                    # end this invocation after this step; a rerun resumes
     checkpoint: {every: 200, keep: 3}
     parallel: {tp: 1, pp: 1, zero_stage: 1}
@@ -47,7 +42,6 @@ class StreamConfig:
 @dataclass
 class DataConfig:
     train: list[StreamConfig] = field(default_factory=list)
-    val: str | None = None
     seq_len: int = 256
     micro_batch: int = 8
 
@@ -66,10 +60,6 @@ class LoopConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     log_every: int = 10
-    val_every: int = 200
-    val_batches: int = 8
-    val_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
-    max_nonfinite: int = 5
     stop_after: int | None = None     # end this invocation after this step (the schedule still spans max_steps)
 
 
@@ -120,8 +110,6 @@ class TrainConfig:
         if self.parallel.tp != 1 or self.parallel.pp != 1:
             raise ConfigError(f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: "
                               "tensor and pipeline parallelism are not built yet (issue 5); use 1")
-        if any(k < 1 for k in self.train.val_lengths):
-            raise ConfigError(f"train.val_lengths={self.train.val_lengths}: multiples must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
