@@ -5,6 +5,7 @@
     model: {preset: tiny, ...}            # model.config.ModelConfig fields over a preset
     data:
       train: [{path: data/tiny/train, proportion: null}]   # one or more MDS streams (mixture)
+      val: data/tiny/val                  # null: no validation
       seq_len: 256                        # rows must hold seq_len + 1 tokens
       micro_batch: 8                      # sequences per rank per micro-step
     optim: {lr: 4e-4, weight_decay: 0.1, betas: [0.9, 0.95], eps: 1e-8, grad_clip: 1.0}
@@ -13,6 +14,9 @@
       max_steps: 1000                     # optimizer steps
       grad_accum: 1
       log_every: 10
+      val_every: 0                        # steps between validations (0: never); also at the end
+      val_samples: 32                     # sequences per length, from the start of the val stream
+      val_lengths: [1, 2, 4]              # validation loss at these multiples of seq_len (Samba's val_ppl@Nx)
       stop_after: null                    # end this invocation after this step; a rerun resumes
     checkpoint: {every: 200, keep: 3}
     parallel: {tp: 1, pp: 1, zero_stage: 1}
@@ -42,6 +46,7 @@ class StreamConfig:
 @dataclass
 class DataConfig:
     train: list[StreamConfig] = field(default_factory=list)
+    val: str | None = None
     seq_len: int = 256
     micro_batch: int = 8
 
@@ -60,6 +65,9 @@ class LoopConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     log_every: int = 10
+    val_every: int = 0
+    val_samples: int = 32
+    val_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
     stop_after: int | None = None     # end this invocation after this step (the schedule still spans max_steps)
 
 
@@ -103,6 +111,10 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
         if not self.data.train:
             raise ConfigError("data.train: needs at least one stream ({path: ...})")
+        if self.train.val_every and not self.data.val:
+            raise ConfigError(f"train.val_every={self.train.val_every} needs data.val (a validation stream)")
+        if not self.train.val_lengths or any(not isinstance(k, int) or k < 1 for k in self.train.val_lengths):
+            raise ConfigError(f"train.val_lengths={self.train.val_lengths}: positive integer multiples of seq_len")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr}: must be > 0")
         if self.parallel.zero_stage not in (0, 1, 2, 3):

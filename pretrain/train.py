@@ -12,6 +12,7 @@ REQUEUE_EXIT_CODE, which the launchers requeue on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ import yaml
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
 
-from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader
+from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader, build_val_loader
 from model import HybridLM
 
 from . import checkpoint
@@ -106,6 +107,31 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+@torch.no_grad()
+def validate(model: torch.nn.Module, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
+    """Mean next-token loss (and perplexity) on the val stream at each multiple k of seq_len; the
+    data-parallel ranks split the sequences and the token-weighted sums are all-reduced."""
+    model.eval()
+    results = {}
+    for k in cfg.train.val_lengths:
+        loader = build_val_loader(cfg.data.val, cfg.data.seq_len * k, cfg.data.micro_batch,
+                                  max_samples=cfg.train.val_samples, dp_rank=rank, dp_world_size=world)
+        totals = torch.zeros(2, dtype=torch.float64)          # (summed loss, tokens)
+        for batch in loader:
+            logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
+            labels = batch["labels"]
+            totals[0] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                         reduction="sum").double()
+            totals[1] += (labels != -100).sum()
+        if world > 1:
+            dist.all_reduce(totals)
+        loss = (totals[0] / totals[1].clamp_min(1)).item()
+        results[f"val_loss@{k}x"] = loss
+        results[f"val_ppl@{k}x"] = math.exp(min(loss, 50.0))
+    model.train()
+    return results
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     import deepspeed
     from tqdm import tqdm
@@ -168,6 +194,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             metrics.log(record)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
             window_start, window_tokens = time.perf_counter(), 0
+        if cfg.data.val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.max_steps):
+            scores = validate(engine.module, cfg, rank, world)
+            metrics.log({"step": step, **scores})
+            if rank == 0:
+                progress.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if "loss" in k))
         preempted = stop.signal is not None
         if preempted or step % cfg.checkpoint.every == 0 or step == end:
             checkpoint.save(engine, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict()},

@@ -99,7 +99,8 @@ def test_errors_are_one_line(tmp_path, shards):
     config = write_config(tmp_path, shards)
     bad = braid_train(config, "train.max_stpes=3")
     assert bad.returncode == 2 and bad.stderr.strip().endswith("train.max_stpes: unknown key (known: grad_accum, "
-                                                               "log_every, max_steps, stop_after)")
+                                                               "log_every, max_steps, stop_after, val_every, "
+                                                               "val_lengths, val_samples)")
     missing = braid_train(config, f"data.train=[{tmp_path}/nowhere]")
     assert missing.returncode == 2 and "nowhere" in missing.stderr.splitlines()[-1]
     os.makedirs(tmp_path / "run" / "checkpoints", exist_ok=True)
@@ -130,3 +131,18 @@ def test_two_data_parallel_ranks_match_one_process(tmp_path, shards):
     assert sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+
+
+def test_validation_at_multiples_of_the_training_length(tmp_path, shards):
+    config = write_config(tmp_path, shards, max_steps=6, val_every=3, val_samples=8, val_lengths=[1, 2])
+    out = braid_train(config, f"data.val={shards}")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        vals = [r for r in map(json.loads, f) if "val_loss@1x" in r]
+    assert [r["step"] for r in vals] == [3, 6]
+    for r in vals:
+        assert all(k in r for k in ("val_loss@2x", "val_ppl@1x", "val_ppl@2x"))
+        assert abs(r["val_ppl@1x"] - __import__("math").exp(r["val_loss@1x"])) < 1e-6 * r["val_ppl@1x"]
+    assert vals[1]["val_loss@1x"] < vals[0]["val_loss@1x"]        # the counting data is being learned
+    bad = braid_train(config, "train.val_every=3")                  # no data.val
+    assert bad.returncode == 2 and "needs data.val" in bad.stderr.splitlines()[-1]
