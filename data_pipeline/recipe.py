@@ -64,10 +64,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from launch.config_io import build_dataclass, load_config
 
 
 # ---------------------------------------------------------------------------- sections
@@ -251,59 +251,6 @@ def parse_size(value: Any, where: str) -> int:
     return size
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Dataclass `cls` from a mapping, rejecting unknown keys and wrongly typed values by their path."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ValueError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-    values = {}
-    for name, value in data.items():
-        hint, path = hints[name], f"{where}.{name}"
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        inner = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
-        if dataclasses.is_dataclass(inner):
-            values[name] = None if value is None and inner is not hint else _build(inner, value, path)
-        elif typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
-            if not isinstance(value, list):
-                raise ValueError(f"{path}: expected a list, got {type(value).__name__}")
-            values[name] = [_build(typing.get_args(inner)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-        elif not _type_ok(value, hint):
-            raise ValueError(f"{path}: {value!r} is not a valid {_hint_name(hint)}")
-        else:
-            values[name] = value
-    return cls(**values)
-
-
-def _hint_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def _check(recipe: Recipe) -> None:
     """Value checks that the types alone do not express."""
     if not recipe.output:
@@ -355,14 +302,13 @@ def _check(recipe: Recipe) -> None:
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Validate a recipe mapping (unknown keys, types, values); errors name the key path."""
-    recipe = _build(Recipe, data, "recipe")
+    recipe = build_dataclass(Recipe, data, "recipe")
     _check(recipe)
     return recipe
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML with `key.sub=value` overrides (launch.config_io) and validate it."""
-    from launch.config_io import load_config
     data = load_config(path, overrides)
     try:
         return recipe_from_dict(data)

@@ -27,10 +27,10 @@ Unknown keys anywhere are errors naming their path (`train.max_stpes`).
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from launch.config_io import build_dataclass
 from model import ModelConfig
 from model.config import ConfigError
 
@@ -127,40 +127,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def build(cls: type, data: Any, where: str) -> Any:
-    """Nested dataclass from plain YAML data; unknown keys and wrong shapes name their path."""
-    if cls is ModelConfig:
-        return ModelConfig.from_dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    at = lambda key: f"{where}.{key}" if where else key
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{at(unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
-    values = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = build(hint, value, at(key))
-        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-            item = typing.get_args(hint)[0]
-            if not isinstance(value, list):
-                raise ConfigError(f"{at(key)}: expected a list, got {type(value).__name__}")
-            values[key] = [build(item, {"path": v} if isinstance(v, str) else v, f"{at(key)}[{i}]")
-                           for i, v in enumerate(value)]
-        else:
-            values[key] = value
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise                                   # already names its field
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or 'config'}: {err}") from None
+def _streams(value: Any, path: str) -> Any:
+    """data.train entries may be a bare path string."""
+    return [{"path": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 def train_config(data: dict[str, Any]) -> TrainConfig:
-    config = build(TrainConfig, data, "")
+    data = dict(data)
+    if isinstance(data.get("data"), dict) and "train" in data["data"]:
+        data["data"] = {**data["data"], "train": _streams(data["data"]["train"], "data.train")}
+    config = build_dataclass(TrainConfig, data, "", builders={ModelConfig: lambda value, path: ModelConfig.from_dict(value or {})})
     config.validate()
     return config

@@ -87,7 +87,6 @@ def test_train_config_reads_sections_and_stream_shorthand():
     ({"schedule": {"name": "step"}}, r"^schedule\.name='step'"),
 ])
 def test_train_config_errors_name_the_key(sections, message):
-    from model.config import ConfigError
-    with pytest.raises(ConfigError, match=message) as err:
+    with pytest.raises(ValueError, match=message) as err:     # ConfigError / ConfigFileError, both ValueErrors
         _config(**sections)
     assert "\n" not in str(err.value)
