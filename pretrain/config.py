@@ -127,7 +127,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _streams(value: Any, path: str) -> Any:
+def _streams(value: Any) -> Any:
     """data.train entries may be a bare path string."""
     return [{"path": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
@@ -135,7 +135,7 @@ def _streams(value: Any, path: str) -> Any:
 def train_config(data: dict[str, Any]) -> TrainConfig:
     data = dict(data)
     if isinstance(data.get("data"), dict) and "train" in data["data"]:
-        data["data"] = {**data["data"], "train": _streams(data["data"]["train"], "data.train")}
+        data["data"] = {**data["data"], "train": _streams(data["data"]["train"])}
     config = build_dataclass(TrainConfig, data, "", builders={ModelConfig: lambda value, path: ModelConfig.from_dict(value or {})})
     config.validate()
     return config

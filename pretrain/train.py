@@ -73,6 +73,15 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """True on every rank once any rank was signalled: ranks may get the signal at different
+        step boundaries, and a save that only some ranks enter would deadlock in its barrier."""
+        if world == 1:
+            return self.signal is not None
+        flag = torch.tensor([0 if self.signal is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
 
 class MetricsLog:
     """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
@@ -103,8 +112,8 @@ class MetricsLog:
                 self.writer.close()
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
 
 
 @torch.no_grad()
@@ -119,10 +128,8 @@ def validate(model: torch.nn.Module, cfg: TrainConfig, rank: int, world: int) ->
         totals = torch.zeros(2, dtype=torch.float64)          # (summed loss, tokens)
         for batch in loader:
             logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-            labels = batch["labels"]
-            totals[0] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                         reduction="sum").double()
-            totals[1] += (labels != -100).sum()
+            totals[0] += loss_fn(logits, batch["labels"], reduction="sum").double()
+            totals[1] += (batch["labels"] != -100).sum()
         if world > 1:
             dist.all_reduce(totals)
         loss = (totals[0] / totals[1].clamp_min(1)).item()
@@ -166,25 +173,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * world
     batches = loader.batches()
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, desc="train", unit="step")
-    window_start, window_tokens, last_saved = time.perf_counter(), 0, step
+    window_start, window_tokens = time.perf_counter(), 0
     exit_code = 0
     end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
     while step < end:
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64)   # stays on the device: no host sync per micro-step
         for _ in range(cfg.train.grad_accum):
             batch = next(batches)
             loss = loss_fn(engine(batch["input_ids"], doc_ids=batch["doc_ids"]), batch["labels"])
             engine.backward(loss)
             engine.step()
-            step_loss += loss.item() / cfg.train.grad_accum
-        if world > 1:                           # log the global batch's loss, not rank 0's share
-            mean = torch.tensor(step_loss, dtype=torch.float64)
-            dist.all_reduce(mean)
-            step_loss = mean.item() / world
+            step_loss = step_loss.to(loss.device) + loss.detach().double() / cfg.train.grad_accum
         step += 1
         window_tokens += tokens_per_step
         progress.update(1)
         if step % cfg.train.log_every == 0 or step == end:
+            if world > 1:                       # the global batch's loss, not rank 0's share
+                dist.all_reduce(step_loss)
+                step_loss /= world
+            step_loss = step_loss.item()
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -199,20 +206,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             metrics.log({"step": step, **scores})
             if rank == 0:
                 progress.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if "loss" in k))
-        preempted = stop.signal is not None
+        preempted = stop.agreed(world, engine.device)
         if preempted or step % cfg.checkpoint.every == 0 or step == end:
             checkpoint.save(engine, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict()},
                             cfg.checkpoint.keep)
-            last_saved = step
         if preempted:
             if rank == 0:
-                print(f"signal {stop.signal}: saved step {step} to {checkpoint.checkpoint_dir(cfg.run_dir)}; "
+                print(f"preempted (signal {stop.signal or 'on another rank'}): saved step {step} to {checkpoint.checkpoint_dir(cfg.run_dir)}; "
                       f"exiting with {REQUEUE_EXIT_CODE} for requeue", flush=True)
             exit_code = REQUEUE_EXIT_CODE
             break
     progress.close()
     metrics.close()
-    return {"step": step, "last_saved": last_saved, "exit_code": exit_code,
+    return {"step": step, "exit_code": exit_code,
             "checkpoint": os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.latest_tag(cfg.run_dir) or "")}
 
 
