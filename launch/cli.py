@@ -32,7 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training YAML (see configs/tiny.yaml)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     train.set_defaults(handler=_train)
+    parser.subcommands = commands.choices
     return parser
+
+
+# What to do with a finished run, shown by `braid train` for the subcommands this install has.
+NEXT_STEPS = {
+    "convert": "braid convert to-hf {run_dir} {run_dir}/hf",
+    "eval": "braid eval ppl {run_dir}",
+}
+
+
+def next_steps(run_dir: str) -> list[str]:
+    commands = build_parser().subcommands
+    return [line.format(run_dir=run_dir) for name, line in NEXT_STEPS.items() if name in commands]
 
 
 def main(argv: list[str] | None = None) -> int:

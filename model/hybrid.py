@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridCache
 from .config import ModelConfig
@@ -45,6 +46,8 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Sublayer kinds (pattern symbols) recomputed in backward instead of keeping their activations.
+        self.checkpointed_kinds: set[str] = set()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -76,7 +79,10 @@ class HybridLM(nn.Module):
                             cache.offset if cache is not None else None)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, seq, cache.layers[i] if cache is not None else None)
+            if layer.kind in self.checkpointed_kinds and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, seq, use_reentrant=False)
+            else:
+                x = layer(x, seq, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.offset = seq.positions[:, -1] + 1
         return self.lm_head(self.norm(x)).float()

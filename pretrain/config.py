@@ -18,9 +18,13 @@
       val_samples: 32                     # sequences per length, from the start of the val stream
       val_lengths: [1, 2, 4]              # validation loss at these multiples of seq_len (Samba's val_ppl@Nx)
       stop_after: null                    # end this invocation after this step; a rerun resumes
+      max_nonfinite: 10                   # stop after this many non-finite steps in a row (each is skipped)
+      activation_checkpointing: false     # true: recompute every sublayer in backward; "M*": only these kinds
     checkpoint: {every: 200, keep: 3}
     parallel: {tp: 1, pp: 1, zero_stage: 1}
-    logging: {tensorboard: true}
+    logging:
+      tensorboard: true
+      wandb: {enabled: false, project: braid, name: null, mode: offline}   # needs the `wandb` extra
 
 Unknown keys anywhere are errors naming their path (`train.max_stpes`).
 """
@@ -32,7 +36,7 @@ from typing import Any
 
 from launch.config_io import build_dataclass
 from model import ModelConfig
-from model.config import ConfigError
+from model.config import SUBLAYERS, ConfigError, parse_pattern
 
 from .schedule import ScheduleConfig
 
@@ -69,6 +73,24 @@ class LoopConfig:
     val_samples: int = 32
     val_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
     stop_after: int | None = None     # end this invocation after this step (the schedule still spans max_steps)
+    max_nonfinite: int = 10
+    activation_checkpointing: bool | str = False
+
+    def checkpointed_kinds(self, pattern: str) -> set[str]:
+        """The sublayer kinds whose activations are recomputed in backward (all, none, or the
+        kinds of the pattern symbols given, e.g. "M*")."""
+        kinds = set(parse_pattern(pattern))
+        if self.activation_checkpointing is True:
+            return kinds
+        if not self.activation_checkpointing:
+            return set()
+        symbols = set(self.activation_checkpointing)
+        present = {s for s in SUBLAYERS if SUBLAYERS[s] in kinds}
+        if not symbols <= present:
+            raise ConfigError(f"train.activation_checkpointing={self.activation_checkpointing!r}: "
+                              f"{''.join(sorted(symbols - present))} not in the model's sublayer kinds "
+                              f"{''.join(sorted(present))}")
+        return {SUBLAYERS[s] for s in symbols}
 
 
 @dataclass
@@ -85,8 +107,17 @@ class ParallelConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "braid"
+    name: str | None = None          # null: the run directory's name
+    mode: str = "offline"            # offline (sync later with `wandb sync RUN_DIR/wandb`), online, disabled
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -105,7 +136,8 @@ class TrainConfig:
     def validate(self) -> None:
         positive = {"data.seq_len": self.data.seq_len, "data.micro_batch": self.data.micro_batch,
                     "train.max_steps": self.train.max_steps, "train.grad_accum": self.train.grad_accum,
-                    "train.log_every": self.train.log_every, "checkpoint.keep": self.checkpoint.keep}
+                    "train.log_every": self.train.log_every, "checkpoint.keep": self.checkpoint.keep,
+                    "train.max_nonfinite": self.train.max_nonfinite}
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
@@ -117,8 +149,11 @@ class TrainConfig:
             raise ConfigError(f"train.val_lengths={self.train.val_lengths}: positive integer multiples of seq_len")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr}: must be > 0")
-        if self.parallel.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage={self.parallel.zero_stage}: must be 0, 1, 2 or 3")
+        if self.parallel.zero_stage not in (1, 2, 3):     # ZeRO's optimizer is what skips a non-finite step
+            raise ConfigError(f"parallel.zero_stage={self.parallel.zero_stage}: must be 1, 2 or 3")
+        if self.logging.wandb.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logging.wandb.mode={self.logging.wandb.mode!r}: must be offline, online or disabled")
+        self.train.checkpointed_kinds(self.model.pattern)
         if self.parallel.tp != 1 or self.parallel.pp != 1:
             raise ConfigError(f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: "
                               "tensor and pipeline parallelism are not built yet (issue 5); use 1")

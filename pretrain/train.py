@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import signal
 import socket
 import time
@@ -57,7 +58,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": torch.cuda.is_available()},
+        # bf16 on GPU; check_grad_overflow makes ZeRO skip a step whose gradients are not finite
+        # (in fp32 it skips on a non-finite gradient norm by itself)
+        "bf16": {"enabled": torch.cuda.is_available(), "check_grad_overflow": True},
         "steps_per_print": 10 ** 9,
     }
 
@@ -65,51 +68,94 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 class StopRequest:
     """SIGTERM / SIGUSR1 (preemption) set a flag; the loop saves at the next step boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: int) -> None:
         self.signal: int | None = None
+        self.world = world
+        # The flag is reduced on the host (gloo) so that asking costs no device sync under nccl.
+        self.group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
-    def agreed(self, world: int, device: torch.device) -> bool:
+    def agreed(self) -> bool:
         """True on every rank once any rank was signalled: ranks may get the signal at different
         step boundaries, and a save that only some ranks enter would deadlock in its barrier."""
-        if world == 1:
+        if self.world == 1:
             return self.signal is not None
-        flag = torch.tensor([0 if self.signal is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([0 if self.signal is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
 
-class MetricsLog:
-    """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
+class TrainingDiverged(ValueError):
+    """Too many non-finite steps in a row; reported as one line, like a config error."""
 
-    def __init__(self, run_dir: str, tensorboard: bool, active: bool):
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step), TensorBoard and optionally W&B, written by rank 0.
+
+    On resume, records past the checkpoint's step (logged before a kill, about to be redone) are
+    dropped, so the file holds the curve of an unbroken run.
+    """
+
+    def __init__(self, cfg: TrainConfig, active: bool, resumed_step: int):
         self.active = active
-        self.writer = None
-        if active:
-            self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.writer = self.wandb = None
+        if not active:
+            return
+        path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
+        if cfg.logging.wandb.enabled:
+            self.wandb = _start_wandb(cfg)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.active:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _start_wandb(cfg: TrainConfig):
+    """A W&B run whose id is kept in the run directory, so a resumed training continues the same run."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("logging.wandb.enabled=true needs the wandb package: pip install -e '.[wandb]'") from None
+    id_path = os.path.join(cfg.run_dir, "wandb_id")
+    if not os.path.exists(id_path):
+        with open(id_path, "w") as f:
+            f.write(secrets.token_hex(4))
+    with open(id_path) as f:
+        run_id = f.read().strip()
+    w = cfg.logging.wandb
+    return wandb.init(project=w.project, name=w.name or os.path.basename(os.path.abspath(cfg.run_dir)),
+                      id=run_id, resume="allow", mode=w.mode, dir=cfg.run_dir, config=cfg.to_dict())
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -151,6 +197,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     model = HybridLM(cfg.model)
+    model.checkpointed_kinds = cfg.train.checkpointed_kinds(cfg.model.pattern)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
@@ -167,59 +214,82 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step = resumed["step"]
         loader.load_state_dict(resumed["loader"])
 
-    stop = StopRequest()
-    metrics = MetricsLog(cfg.run_dir, cfg.logging.tensorboard, active=rank == 0)
+    stop = StopRequest(world)
+    metrics = MetricsLog(cfg, active=rank == 0, resumed_step=step)
     peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * world
     batches = loader.batches()
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     window_start, window_tokens = time.perf_counter(), 0
+    nonfinite_run = 0                   # non-finite steps in a row, each skipped by ZeRO's optimizer
     exit_code = 0
     end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
-    while step < end:
-        step_loss = torch.zeros((), dtype=torch.float64)   # stays on the device: no host sync per micro-step
-        for _ in range(cfg.train.grad_accum):
-            batch = next(batches)
-            loss = loss_fn(engine(batch["input_ids"], doc_ids=batch["doc_ids"]), batch["labels"])
-            engine.backward(loss)
-            engine.step()
-            step_loss = step_loss.to(loss.device) + loss.detach().double() / cfg.train.grad_accum
-        step += 1
-        window_tokens += tokens_per_step
-        progress.update(1)
-        if step % cfg.train.log_every == 0 or step == end:
-            if world > 1:                       # the global batch's loss, not rank 0's share
-                dist.all_reduce(step_loss)
-                step_loss /= world
-            step_loss = step_loss.item()
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                      "tokens": step * tokens_per_step, "tokens_per_s": window_tokens / elapsed}
-            if peak is not None:
-                record["mfu"] = mfu(record["tokens_per_s"], cfg.model, cfg.data.seq_len, peak)
-            metrics.log(record)
-            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if cfg.data.val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.max_steps):
-            scores = validate(engine.module, cfg, rank, world)
-            metrics.log({"step": step, **scores})
-            if rank == 0:
-                progress.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if "loss" in k))
-        preempted = stop.agreed(world, engine.device)
-        if preempted or step % cfg.checkpoint.every == 0 or step == end:
-            checkpoint.save(engine, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict()},
-                            cfg.checkpoint.keep)
-        if preempted:
-            if rank == 0:
-                print(f"preempted (signal {stop.signal or 'on another rank'}): saved step {step} to {checkpoint.checkpoint_dir(cfg.run_dir)}; "
-                      f"exiting with {REQUEUE_EXIT_CODE} for requeue", flush=True)
-            exit_code = REQUEUE_EXIT_CODE
-            break
-    progress.close()
-    metrics.close()
-    return {"step": step, "exit_code": exit_code,
-            "checkpoint": os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.latest_tag(cfg.run_dir) or "")}
+    try:
+        while step < end:
+            step_loss = torch.zeros((), dtype=torch.float64)   # stays on the device: no host sync per micro-step
+            for _ in range(cfg.train.grad_accum):
+                batch = next(batches)
+                loss = loss_fn(engine(batch["input_ids"], doc_ids=batch["doc_ids"]), batch["labels"])
+                engine.backward(loss)
+                engine.step()
+                step_loss = step_loss.to(loss.device) + loss.detach().double() / cfg.train.grad_accum
+            step += 1
+            window_tokens += tokens_per_step
+            progress.update(1)
+            # ZeRO's optimizer all-reduces the overflow check, so every rank sees the same answer.
+            skipped = not engine.was_step_applied()
+            if not skipped and cfg.parallel.zero_stage == 3 and not math.isfinite(engine.get_global_grad_norm() or 0.0):
+                raise TrainingDiverged(f"step {step}: non-finite gradients, and ZeRO-3 in fp32 cannot skip a step; "
+                                       f"the last good checkpoint is {_last_checkpoint(cfg.run_dir)}")
+            nonfinite_run = nonfinite_run + 1 if skipped else 0
+            if skipped or step % cfg.train.log_every == 0 or step == end:
+                if world > 1:                       # the global batch's loss, not rank 0's share
+                    dist.all_reduce(step_loss)
+                    step_loss /= world
+                step_loss = step_loss.item()
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                          "tokens": step * tokens_per_step, "tokens_per_s": window_tokens / elapsed}
+                if peak is not None:
+                    record["mfu"] = mfu(record["tokens_per_s"], cfg.model, cfg.data.seq_len, peak)
+                if skipped:
+                    record["skipped"] = True
+                    progress.write(f"step {step}: non-finite loss or gradient (loss {step_loss}), step skipped "
+                                   f"({nonfinite_run} in a row, stopping at {cfg.train.max_nonfinite})")
+                metrics.log(record)
+                progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if nonfinite_run >= cfg.train.max_nonfinite:
+                raise TrainingDiverged(
+                    f"steps {step - nonfinite_run + 1}..{step}: {nonfinite_run} non-finite steps in a row "
+                    f"(train.max_nonfinite={cfg.train.max_nonfinite}); the last good checkpoint is "
+                    f"{_last_checkpoint(cfg.run_dir)}")
+            if cfg.data.val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.max_steps):
+                scores = validate(engine.module, cfg, rank, world)
+                metrics.log({"step": step, **scores})
+                if rank == 0:
+                    progress.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if "loss" in k))
+            preempted = stop.agreed()
+            if preempted or step % cfg.checkpoint.every == 0 or step == end:
+                checkpoint.save(engine, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict()},
+                                cfg.checkpoint.keep)
+            if preempted:
+                if rank == 0:
+                    print(f"preempted (signal {stop.signal or 'on another rank'}): saved step {step} to "
+                          f"{checkpoint.checkpoint_dir(cfg.run_dir)}; exiting with {REQUEUE_EXIT_CODE} for requeue",
+                          flush=True)
+                exit_code = REQUEUE_EXIT_CODE
+                break
+    finally:
+        progress.close()
+        metrics.close()
+    return {"step": step, "exit_code": exit_code, "checkpoint": _last_checkpoint(cfg.run_dir)}
+
+
+def _last_checkpoint(run_dir: str) -> str:
+    tag = checkpoint.latest_tag(run_dir)
+    return os.path.join(checkpoint.checkpoint_dir(run_dir), tag) if tag else "none (no checkpoint saved yet)"
 
 
 def run(config_path: str, overrides: list[str]) -> int:
@@ -227,7 +297,10 @@ def run(config_path: str, overrides: list[str]) -> int:
     cfg = train_config(load_config(config_path, overrides))
     result = train(cfg)
     if dist.get_rank() == 0 and result["exit_code"] == 0:
+        from launch.cli import next_steps
         print(f"done: step {result['step']}, checkpoint {result['checkpoint']}", flush=True)
+        for line in next_steps(cfg.run_dir):
+            print(f"  next: {line}", flush=True)
     return result["exit_code"]
 
 

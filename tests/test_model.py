@@ -119,6 +119,35 @@ def test_training_step_lowers_loss():
     assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.parametrize("name", list(SMALL_PRESETS))
+def test_activation_checkpointing_same_gradients_less_saved(name):
+    """Recomputing sublayers in backward changes what autograd keeps, not what it computes."""
+    model = HybridLM(small_preset(name))
+    ids = torch.randint(0, 256, (2, 33))
+    doc_ids = (torch.arange(32) >= 20).long().expand(2, -1)
+
+    def run(kinds):
+        model.checkpointed_kinds = kinds
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            logits = model(ids[:, :-1], doc_ids=doc_ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+    loss, grads, saved = run(set())
+    kinds = set(model.cfg.layer_types)
+    loss_ckpt, grads_ckpt, saved_ckpt = run(kinds)
+    assert loss_ckpt == loss
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert saved_ckpt < 0.5 * saved, (saved_ckpt, saved)
+    _, _, saved_some = run({next(iter(kinds))})           # only one kind: in between
+    assert saved_ckpt < saved_some < saved
+
+
 def test_bad_inputs_name_the_tensor():
     model = HybridLM(small_preset("tiny"))
     with pytest.raises(ValueError, match="input_ids"):

@@ -85,6 +85,11 @@ def test_train_config_reads_sections_and_stream_shorthand():
     ({"data": {"train": []}}, r"^data\.train: needs at least one stream"),
     ({"parallel": {"tp": 2}}, r"^parallel\.tp=2"),
     ({"schedule": {"name": "step"}}, r"^schedule\.name='step'"),
+    ({"parallel": {"zero_stage": 0}}, r"^parallel\.zero_stage=0: must be 1, 2 or 3"),
+    ({"train": {"activation_checkpointing": "MQ"}}, r"^train\.activation_checkpointing='MQ': Q not in"),
+    ({"train": {"max_nonfinite": 0}}, r"^train\.max_nonfinite=0: must be a positive integer"),
+    ({"logging": {"wandb": {"mode": "cloud"}}}, r"^logging\.wandb\.mode='cloud'"),
+    ({"logging": {"wandb": {"enabeld": True}}}, r"^logging\.wandb\.enabeld: unknown key"),
 ])
 def test_train_config_errors_name_the_key(sections, message):
     with pytest.raises(ValueError, match=message) as err:     # ConfigError / ConfigFileError, both ValueErrors

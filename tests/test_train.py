@@ -29,7 +29,7 @@ def shards(tmp_path_factory):
     return str(out)
 
 
-def write_config(tmp_path, shards, **train):
+def write_config(tmp_path, shards, checkpoint_every=100, **train):
     config = {
         "run_dir": str(tmp_path / "run"), "seed": 0,
         "model": {"preset": "tiny", "vocab_size": 256, "d_model": 64, "mlp_hidden": 96,
@@ -37,7 +37,7 @@ def write_config(tmp_path, shards, **train):
         "data": {"train": [shards], "seq_len": 32, "micro_batch": 2},
         "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 2},
         "train": {"max_steps": 8, "log_every": 1, **train},
-        "checkpoint": {"every": 100, "keep": 2}, "logging": {"tensorboard": False},
+        "checkpoint": {"every": checkpoint_every, "keep": 2}, "logging": {"tensorboard": False},
     }
     path = tmp_path / "config.yaml"
     import yaml
@@ -45,15 +45,32 @@ def write_config(tmp_path, shards, **train):
     return str(path)
 
 
-def braid_train(config, *overrides, wait=True):
+def braid_train(config, *overrides, wait=True, patch=""):
+    """`braid train` in a fresh process; `patch` is Python run first (fault injection by the test)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "launch.cli", "train", config, *overrides]
+    cmd = [sys.executable, "-c", f"{patch}\nfrom launch.cli import main\nraise SystemExit(main())",
+           "train", config, *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
+
+
+def free_port() -> str:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def torchrun(config, nproc, *overrides):
+    """`braid train` as `nproc` ranks under torchrun on a free port."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", free_port(),
+           "-m", "launch.cli", "train", config, *overrides]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def losses(run_dir):
@@ -98,9 +115,9 @@ def test_sigterm_saves_and_exits_for_requeue(tmp_path, shards):
 def test_errors_are_one_line(tmp_path, shards):
     config = write_config(tmp_path, shards)
     bad = braid_train(config, "train.max_stpes=3")
-    assert bad.returncode == 2 and bad.stderr.strip().endswith("train.max_stpes: unknown key (known: grad_accum, "
-                                                               "log_every, max_steps, stop_after, val_every, "
-                                                               "val_lengths, val_samples)")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith(
+        "train.max_stpes: unknown key (known: activation_checkpointing, grad_accum, log_every, max_nonfinite, "
+        "max_steps, stop_after, val_every, val_lengths, val_samples)")
     missing = braid_train(config, f"data.train=[{tmp_path}/nowhere]")
     assert missing.returncode == 2 and "nowhere" in missing.stderr.splitlines()[-1]
     os.makedirs(tmp_path / "run" / "checkpoints", exist_ok=True)
@@ -118,14 +135,7 @@ def test_two_data_parallel_ranks_match_one_process(tmp_path, shards):
     single = write_config(tmp_path / "one", shards, max_steps=4)
     assert braid_train(single).returncode == 0
     double = write_config(tmp_path / "two", shards, max_steps=4)
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           "-m", "launch.cli", "train", double, "data.micro_batch=1"]     # same global batch of 2
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = torchrun(double, 2, "data.micro_batch=1")                   # same global batch of 2
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     one, two = losses(str(tmp_path / "one" / "run")), losses(str(tmp_path / "two" / "run"))
     assert sorted(two) == [1, 2, 3, 4]
@@ -146,3 +156,133 @@ def test_validation_at_multiples_of_the_training_length(tmp_path, shards):
     assert vals[1]["val_loss@1x"] < vals[0]["val_loss@1x"]        # the counting data is being learned
     bad = braid_train(config, "train.val_every=3")                  # no data.val
     assert bad.returncode == 2 and "needs data.val" in bad.stderr.splitlines()[-1]
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, shards):
+    """Losses of an uninterrupted 8-step run, checkpointing every 2 steps."""
+    tmp = tmp_path_factory.mktemp("unbroken")
+    out = braid_train(write_config(tmp, shards, checkpoint_every=2))
+    assert out.returncode == 0, out.stdout[-2000:]
+    return losses(str(tmp / "run"))
+
+
+def wait_for_steps(run_dir, count, proc, timeout=300):
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} logged steps in {metrics}")
+
+
+def test_sigkill_at_a_random_step_then_restart_matches_unbroken(tmp_path, shards, unbroken):
+    import random
+    kill_after = random.Random().randint(2, 7)         # printed in the failure message below
+    config = write_config(tmp_path, shards, checkpoint_every=2)
+    proc = braid_train(config, wait=False)
+    wait_for_steps(str(tmp_path / "run"), kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    restarted = braid_train(config)
+    assert restarted.returncode == 0, restarted.stdout[-2000:]
+    resumed = losses(str(tmp_path / "run"))
+    assert resumed == unbroken, f"killed after step {kill_after}"     # bitwise, and no duplicate steps
+
+
+def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, shards, unbroken):
+    # The process dies half-way through writing step 4's first file: `latest` still names step 2.
+    patch = """
+import os, signal
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+real_save = TorchCheckpointEngine.save
+def save(self, state_dict, path):
+    if "step_00000004" in path:
+        open(path, "wb").write(b"PK half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(self, state_dict, path)
+TorchCheckpointEngine.save = save
+"""
+    config = write_config(tmp_path, shards, checkpoint_every=2)
+    killed = braid_train(config, patch=patch)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "run" / "checkpoints"
+    assert (run / "latest").read_text() == "step_00000002" and (run / "step_00000004").is_dir()
+    restarted = braid_train(config)
+    assert restarted.returncode == 0, restarted.stdout[-2000:]
+    assert losses(str(tmp_path / "run")) == unbroken
+    assert (run / "latest").read_text() == "step_00000008"
+
+
+NAN_LOSS = """
+import pretrain.train as t
+real_loss_fn, calls = t.loss_fn, [0]
+def loss_fn(logits, labels, reduction="mean"):
+    calls[0] += 1
+    loss = real_loss_fn(logits, labels, reduction)
+    return loss * float("nan") if calls[0] in NAN_CALLS else loss
+t.loss_fn = loss_fn
+"""
+
+
+def test_a_nonfinite_step_is_skipped_and_logged(tmp_path, shards):
+    out = braid_train(write_config(tmp_path, shards), patch="NAN_CALLS = {3}" + NAN_LOSS)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "step 3: non-finite loss or gradient" in out.stdout
+    r = records(str(tmp_path / "run"))
+    assert sorted(r) == list(range(1, 9))
+    assert r[3]["skipped"] and r[3]["loss"] is None and r[3]["grad_norm"] is None
+    assert r[3]["lr"] == r[2]["lr"] != r[4]["lr"]           # the schedule did not advance on the skipped step
+    assert all(r[s]["loss"] is not None and "skipped" not in r[s] for s in r if s != 3)
+
+
+def test_too_many_nonfinite_steps_stop_naming_the_last_good_checkpoint(tmp_path, shards):
+    config = write_config(tmp_path, shards, checkpoint_every=2, max_nonfinite=3)
+    out = braid_train(config, patch="NAN_CALLS = set(range(3, 100))" + NAN_LOSS)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("braid: error: steps 3..5: 3 non-finite steps in a row (train.max_nonfinite=3)"), last
+    assert last.endswith(os.path.join("checkpoints", "step_00000004")), last
+    assert max(records(str(tmp_path / "run"))) == 5
+
+
+def test_signal_to_one_data_parallel_rank_stops_both(tmp_path, shards):
+    """Only rank 1 is signalled: both ranks agree, save together and exit for requeue.
+    The ranks are started directly (not under torchrun, which kills the others when one exits)."""
+    config = write_config(tmp_path, shards, max_steps=100000)
+    port = free_port()
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": ROOT, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "launch.cli", "train", config, "data.micro_batch=1"],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    wait_for_steps(str(tmp_path / "run"), 3, ranks[0])
+    ranks[1].send_signal(signal.SIGUSR1)
+    outs = [proc.communicate(timeout=300)[0] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [75, 75], outs[0][-2000:] + outs[1][-2000:]
+    assert "preempted (signal on another rank)" in outs[0]
+    saved = int((tmp_path / "run" / "checkpoints" / "latest").read_text().split("_")[1])
+    assert saved == max(losses(str(tmp_path / "run")))
+
+
+def test_activation_checkpointing_and_wandb_offline(tmp_path, shards, unbroken):
+    pytest.importorskip("wandb")
+    config = write_config(tmp_path, shards, checkpoint_every=2, activation_checkpointing=True)
+    out = braid_train(config, "logging.wandb.enabled=true", "train.stop_after=4")
+    assert out.returncode == 0, out.stdout[-2000:]
+    out = braid_train(config, "logging.wandb.enabled=true")                       # resumes the same W&B run
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert losses(str(tmp_path / "run")) == unbroken                              # recomputation changes nothing
+    run_id = (tmp_path / "run" / "wandb_id").read_text()
+    logs = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(logs) == 2 and all(b"tokens_per_s" in f.read_bytes() for f in logs)
+    bad = braid_train(config, "train.activation_checkpointing=MX")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith(
+        "train.activation_checkpointing='MX': X not in the model's sublayer kinds *-GMRS")
