@@ -32,7 +32,8 @@ from model import HybridLM  # noqa: E402
 from pretrain.config import TrainConfig, train_config  # noqa: E402
 from pretrain.optim import param_groups  # noqa: E402
 from pretrain.schedule import build_scheduler  # noqa: E402
-from pretrain.train import loss_fn, train  # noqa: E402
+from pretrain.parallel import loss_fn  # noqa: E402
+from pretrain.train import train  # noqa: E402
 
 
 def braid_tokens_per_s(cfg: TrainConfig) -> list[float]:

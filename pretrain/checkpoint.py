@@ -1,6 +1,7 @@
 """Checkpoints: DeepSpeed tags plus what DeepSpeed does not know (loader position, RNG, config).
 
-    RUN_DIR/checkpoints/step_00000200/   one tag per save (DeepSpeed model/optimizer/scheduler shards)
+    RUN_DIR/checkpoints/step_00000200/   one tag per save (DeepSpeed model/optimizer/scheduler shards,
+                                         one set per rank) and braid.json: step and rank layout
     RUN_DIR/checkpoints/latest           the newest *complete* tag, replaced atomically after a save
 
 `latest` moves only when every rank has finished writing, so a kill during a save leaves the
@@ -8,6 +9,7 @@ previous checkpoint as the one a restart resumes from. The last `keep` tags are 
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+INFO = "braid.json"          # beside DeepSpeed's files: what a reader needs before loading them
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -51,6 +54,8 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: in
     if dist.is_initialized():
         dist.barrier()                          # every shard is on disk before `latest` moves
     if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(root, tag, INFO), "w") as f:
+            json.dump({"step": step, "layout": client_state.get("layout")}, f)
         pointer = os.path.join(root, LATEST)
         with open(pointer + ".tmp", "w") as f:
             f.write(tag)
@@ -63,8 +68,9 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: in
     return tag
 
 
-def load_latest(engine, run_dir: str) -> dict[str, Any] | None:
-    """Restore model, optimizer and scheduler from `latest`; returns its client state (None: fresh run)."""
+def load_latest(engine, run_dir: str, layout: dict[str, int]) -> dict[str, Any] | None:
+    """Restore model, optimizer and scheduler from `latest`; returns its client state (None: fresh run).
+    The checkpoint must have been saved with the same rank `layout` (tp, pp, dp)."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
@@ -72,6 +78,16 @@ def load_latest(engine, run_dir: str) -> dict[str, Any] | None:
     if not os.path.isdir(os.path.join(root, tag)):
         raise FileNotFoundError(f"{os.path.join(root, LATEST)} names {tag}, which is missing; "
                                 "point it at a complete step_* folder or remove it to start fresh")
+    info_path = os.path.join(root, tag, INFO)
+    if not os.path.isfile(info_path):
+        raise ValueError(f"checkpoint {os.path.join(root, tag)} cannot be loaded ({INFO} is missing)")
+    with open(info_path) as f:
+        saved = json.load(f).get("layout")
+    if saved is not None and saved != layout:
+        def show(d: dict[str, int]) -> str:
+            return " ".join(f"{k}={d[k]}" for k in ("tp", "pp", "dp"))
+        raise ValueError(f"checkpoint {os.path.join(root, tag)} was saved with {show(saved)}, this run has "
+                         f"{show(layout)}: resume with the same parallel.tp/pp and number of ranks")
     try:
         path, client = engine.load_checkpoint(root, tag=tag)
     except Exception as err:                   # a truncated or foreign file: say which checkpoint

@@ -154,9 +154,9 @@ class TrainConfig:
         if self.logging.wandb.mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb.mode={self.logging.wandb.mode!r}: must be offline, online or disabled")
         self.train.checkpointed_kinds(self.model.pattern)
-        if self.parallel.tp != 1 or self.parallel.pp != 1:
-            raise ConfigError(f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: "
-                              "tensor and pipeline parallelism are not built yet (issue 5); use 1")
+        for name in ("tp", "pp"):
+            if not isinstance(getattr(self.parallel, name), int) or getattr(self.parallel, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self.parallel, name)!r}: must be a positive integer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,11 +1,12 @@
 """`braid train CONFIG.yaml [k=v ...]`: the DeepSpeed training loop.
 
 A token's way: MDS row -> `data_pipeline.streaming` batch {input_ids, labels, doc_ids}
--> `HybridLM(input_ids, doc_ids)` -> cross-entropy -> `engine.backward` -> `engine.step`
-(DeepSpeed clips, steps AdamW and the LR schedule at the accumulation boundary).
+-> `ParallelEngine.train_step` (pretrain/parallel.py): `HybridLM(input_ids, doc_ids)` ->
+cross-entropy -> DeepSpeed backward and step (clipping, AdamW and the LR schedule).
 
 Runs as one process (`python -m pretrain.train` or `braid train`) or one per rank under
-torchrun/srun (data parallel through ZeRO; gloo on CPU, nccl on GPU). A run directory that
+torchrun/srun: tensor, pipeline and data parallel (ZeRO) as pretrain/parallel.py lays the
+ranks out; gloo on CPU, nccl on GPU. A run directory that
 holds a checkpoint is resumed. SIGTERM/SIGUSR1 save at the next step boundary and exit with
 REQUEUE_EXIT_CODE, which the launchers requeue on.
 """
@@ -22,20 +23,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
 
 from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader, build_val_loader
-from model import HybridLM
-
 from . import checkpoint
 from .config import TrainConfig, train_config
 from .flops import device_peak_flops, mfu
-from .optim import param_groups
-from .schedule import build_scheduler
+from .parallel import ParallelEngine, plan_layout
 
 REQUEUE_EXIT_CODE = 75          # EX_TEMPFAIL: preempted after a clean checkpoint; requeue me
 
@@ -158,58 +155,40 @@ def _start_wandb(cfg: TrainConfig):
                       id=run_id, resume="allow", mode=w.mode, dir=cfg.run_dir, config=cfg.to_dict())
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
-
-
-@torch.no_grad()
-def validate(model: torch.nn.Module, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
+def validate(engine: ParallelEngine, cfg: TrainConfig) -> dict[str, float]:
     """Mean next-token loss (and perplexity) on the val stream at each multiple k of seq_len; the
     data-parallel ranks split the sequences and the token-weighted sums are all-reduced."""
-    model.eval()
     results = {}
     for k in cfg.train.val_lengths:
         loader = build_val_loader(cfg.data.val, cfg.data.seq_len * k, cfg.data.micro_batch,
-                                  max_samples=cfg.train.val_samples, dp_rank=rank, dp_world_size=world)
-        totals = torch.zeros(2, dtype=torch.float64)          # (summed loss, tokens)
-        for batch in loader:
-            logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-            totals[0] += loss_fn(logits, batch["labels"], reduction="sum").double()
-            totals[1] += (batch["labels"] != -100).sum()
-        if world > 1:
+                                  max_samples=cfg.train.val_samples, dp_rank=engine.dp_rank,
+                                  dp_world_size=engine.dp_world)
+        totals = engine.eval_sums(list(loader))
+        if dist.get_world_size() > 1:
             dist.all_reduce(totals)
         loss = (totals[0] / totals[1].clamp_min(1)).item()
         results[f"val_loss@{k}x"] = loss
         results[f"val_ppl@{k}x"] = math.exp(min(loss, 50.0))
-    model.train()
     return results
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    import deepspeed
     from tqdm import tqdm
 
+    layout = plan_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))    # before any process group
     rank, world = init_distributed()
     os.makedirs(cfg.run_dir, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    torch.manual_seed(cfg.seed)
-
-    model = HybridLM(cfg.model)
-    model.checkpointed_kinds = cfg.train.checkpointed_kinds(cfg.model.pattern)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+    engine = ParallelEngine(cfg, layout, rank, deepspeed_config(cfg))
     loader = build_train_loader(
         LoaderConfig(streams=[StreamSource(path=s.path, proportion=s.proportion) for s in cfg.data.train],
                      seq_len=cfg.data.seq_len, batch_size=cfg.data.micro_batch, seed=cfg.seed),
-        dp_rank=rank, dp_world_size=world)
+        dp_rank=engine.dp_rank, dp_world_size=engine.dp_world)
 
     step = 0
-    resumed = checkpoint.load_latest(engine, cfg.run_dir)
+    resumed = checkpoint.load_latest(engine.ds, cfg.run_dir, layout.to_dict())
     if resumed is not None:
         step = resumed["step"]
         loader.load_state_dict(resumed["loader"])
@@ -217,7 +196,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stop = StopRequest(world)
     metrics = MetricsLog(cfg, active=rank == 0, resumed_step=step)
     peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * world
+    tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * layout.dp
     batches = loader.batches()
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     window_start, window_tokens = time.perf_counter(), 0
@@ -226,30 +205,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
     try:
         while step < end:
-            step_loss = torch.zeros((), dtype=torch.float64)   # stays on the device: no host sync per micro-step
-            for _ in range(cfg.train.grad_accum):
-                batch = next(batches)
-                loss = loss_fn(engine(batch["input_ids"], doc_ids=batch["doc_ids"]), batch["labels"])
-                engine.backward(loss)
-                engine.step()
-                step_loss = step_loss.to(loss.device) + loss.detach().double() / cfg.train.grad_accum
+            step_loss = engine.train_step(batches)      # stays on the device: no host sync per step
             step += 1
             window_tokens += tokens_per_step
             progress.update(1)
             # ZeRO's optimizer all-reduces the overflow check, so every rank sees the same answer.
-            skipped = not engine.was_step_applied()
-            if not skipped and cfg.parallel.zero_stage == 3 and not math.isfinite(engine.get_global_grad_norm() or 0.0):
+            skipped = not engine.step_applied()
+            if not skipped and cfg.parallel.zero_stage == 3 and not math.isfinite(engine.grad_norm() or 0.0):
                 raise TrainingDiverged(f"step {step}: non-finite gradients, and ZeRO-3 in fp32 cannot skip a step; "
                                        f"the last good checkpoint is {_last_checkpoint(cfg.run_dir)}")
             nonfinite_run = nonfinite_run + 1 if skipped else 0
             if skipped or step % cfg.train.log_every == 0 or step == end:
-                if world > 1:                       # the global batch's loss, not rank 0's share
+                if world > 1:      # the global batch's loss; every rank holds its data-parallel group's
                     dist.all_reduce(step_loss)
                     step_loss /= world
                 step_loss = step_loss.item()
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                record = {"step": step, "loss": step_loss, "lr": engine.lr(), "grad_norm": engine.grad_norm() or 0.0,
                           "tokens": step * tokens_per_step, "tokens_per_s": window_tokens / elapsed}
                 if peak is not None:
                     record["mfu"] = mfu(record["tokens_per_s"], cfg.model, cfg.data.seq_len, peak)
@@ -266,14 +238,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     f"(train.max_nonfinite={cfg.train.max_nonfinite}); the last good checkpoint is "
                     f"{_last_checkpoint(cfg.run_dir)}")
             if cfg.data.val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.max_steps):
-                scores = validate(engine.module, cfg, rank, world)
+                scores = validate(engine, cfg)
                 metrics.log({"step": step, **scores})
                 if rank == 0:
                     progress.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if "loss" in k))
             preempted = stop.agreed()
             if preempted or step % cfg.checkpoint.every == 0 or step == end:
-                checkpoint.save(engine, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict()},
-                                cfg.checkpoint.keep)
+                checkpoint.save(engine.ds, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict(),
+                                                              "layout": layout.to_dict()}, cfg.checkpoint.keep)
             if preempted:
                 if rank == 0:
                     print(f"preempted (signal {stop.signal or 'on another rank'}): saved step {step} to "

@@ -1,6 +1,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,3 +31,17 @@ def small_preset(name: str, **changes) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """256 MDS rows of 33 counting tokens (two documents each): learnable in a few steps."""
+    from data_pipeline.mds import MDSWriter
+    out = tmp_path_factory.mktemp("shards") / "train"
+    rng = np.random.default_rng(0)
+    with MDSWriter(out=str(out), columns={"tokens": "ndarray:uint16", "doc_starts": "ndarray:int32"}) as writer:
+        for _ in range(256):
+            start = rng.integers(0, 256)      # counting sequences: learnable in a few steps
+            writer.write({"tokens": ((start + np.arange(33)) % 256).astype(np.uint16),
+                          "doc_starts": np.array([0, 17], dtype=np.int32)})
+    return str(out)

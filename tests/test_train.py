@@ -9,24 +9,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from data_pipeline.mds import MDSWriter
-    out = tmp_path_factory.mktemp("shards") / "train"
-    rng = np.random.default_rng(0)
-    with MDSWriter(out=str(out), columns={"tokens": "ndarray:uint16", "doc_starts": "ndarray:int32"}) as writer:
-        for _ in range(256):
-            start = rng.integers(0, 256)      # counting sequences: learnable in a few steps
-            writer.write({"tokens": ((start + np.arange(33)) % 256).astype(np.uint16),
-                          "doc_starts": np.array([0, 17], dtype=np.int32)})
-    return str(out)
 
 
 def write_config(tmp_path, shards, checkpoint_every=100, **train):
@@ -221,7 +207,7 @@ TorchCheckpointEngine.save = save
 
 
 NAN_LOSS = """
-import pretrain.train as t
+import pretrain.parallel as t
 real_loss_fn, calls = t.loss_fn, [0]
 def loss_fn(logits, labels, reduction="mean"):
     calls[0] += 1

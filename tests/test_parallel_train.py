@@ -1,0 +1,89 @@
+"""Tensor, pipeline and data parallelism in `braid train` compute what one process computes.
+
+Each layout trains the same model on the same data (global batch fixed) for 3 steps under
+torchrun with gloo; losses, gradient norms and validation loss must equal the single
+process's (fp32, 1e-5 relative).
+"""
+import json
+import os
+
+import pytest
+
+from test_train import braid_train, losses, torchrun, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def by_step(run_dir, key):
+    return {r["step"]: r[key] for r in records(run_dir) if key in r}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, shards):
+    tmp = tmp_path_factory.mktemp("single")
+    out = braid_train(write_config(tmp, shards, max_steps=3, val_every=3, val_samples=4, val_lengths=[1]),
+                      f"data.val={shards}")
+    assert out.returncode == 0, out.stdout[-2000:]
+    return str(tmp / "run")
+
+
+def assert_same_run(run_dir, reference):
+    for key in ("loss", "grad_norm", "val_loss@1x"):
+        mine, theirs = by_step(run_dir, key), by_step(reference, key)
+        assert sorted(mine) == sorted(theirs), key
+        for step in theirs:
+            assert abs(mine[step] - theirs[step]) <= 1e-5 * abs(theirs[step]), (key, step, mine[step], theirs[step])
+
+
+@pytest.mark.parametrize("nproc, overrides", [
+    (2, ["parallel.pp=2"]),                                          # balanced by parameters
+    (2, ["parallel.pp=2", "model.pattern=M-G-S|R-*-", "train.activation_checkpointing=true"]),
+    (2, ["parallel.pp=2", "model.tie_embeddings=false"]),
+], ids=["pp2", "pp2-cut-at-bar-recompute", "pp2-untied"])
+def test_layouts_match_one_process(tmp_path, shards, single, nproc, overrides):
+    config = write_config(tmp_path, shards, max_steps=3, val_every=3, val_samples=4, val_lengths=[1])
+    reference = single
+    if any(o.startswith("model.") for o in overrides):     # another model: its own single-process run
+        (tmp_path / "one").mkdir()
+        one = write_config(tmp_path / "one", shards, max_steps=3, val_every=3, val_samples=4, val_lengths=[1])
+        out = braid_train(one, f"data.val={shards}", *[o for o in overrides if o.startswith("model.")])
+        assert out.returncode == 0, out.stdout[-2000:]
+        reference = str(tmp_path / "one" / "run")
+    out = torchrun(config, nproc, f"data.val={shards}", *overrides)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert_same_run(str(tmp_path / "run"), reference)
+
+
+def test_pipeline_resume_is_exact_and_layout_is_checked(tmp_path, shards):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    unbroken = write_config(tmp_path / "a", shards, max_steps=6)
+    assert torchrun(unbroken, 2, "parallel.pp=2").returncode == 0
+    broken = write_config(tmp_path / "b", shards, max_steps=6)
+    assert torchrun(broken, 2, "parallel.pp=2", "train.stop_after=3").returncode == 0
+    info = json.loads((tmp_path / "b" / "run" / "checkpoints" / "step_00000003" / "braid.json").read_text())
+    assert info == {"step": 3, "layout": {"tp": 1, "pp": 2, "dp": 1}}
+    other = braid_train(broken)                               # one process cannot take a 2-stage checkpoint
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].endswith(
+        "step_00000003 was saved with tp=1 pp=2 dp=1, this run has tp=1 pp=1 dp=1: "
+        "resume with the same parallel.tp/pp and number of ranks")
+    assert torchrun(broken, 2, "parallel.pp=2").returncode == 0
+    assert losses(str(tmp_path / "b" / "run")) == losses(str(tmp_path / "a" / "run"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp=3"], "parallel.tp=1 x parallel.pp=3 = 3 does not divide the 1 ranks"),
+    (["parallel.pp=1", "model.pattern=M-|S-"], None),                                   # '|' ignored at pp=1
+])
+def test_layout_errors_before_any_process_group(tmp_path, shards, overrides, message):
+    out = braid_train(write_config(tmp_path, shards, max_steps=1), *overrides)
+    if message is None:
+        assert out.returncode == 0, out.stdout[-2000:]
+    else:
+        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"braid: error: {message}"
