@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_mixers.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/parallel_memory.py
 
 # the bundled corpus -> tokenizer -> shards, only when the shards are missing
 TINY_DATA := data/tiny/braid_data.json

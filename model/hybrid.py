@@ -40,10 +40,10 @@ class HybridLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         spec = spec or LinearSpec()
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = spec.embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Sublayer(kind, cfg, spec) for kind in cfg.layer_types)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = spec.lm_head(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Sublayer kinds (pattern symbols) recomputed in backward instead of keeping their activations.
@@ -70,7 +70,7 @@ class HybridLM(nn.Module):
         return HybridCache(layers=[layer.mixer.empty_cache() for layer in self.layers])
 
     def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: HybridCache | None = None) -> Tensor:
-        """input_ids (B, L) -> logits (B, L, vocab) in float32."""
+        """input_ids (B, L) -> logits (B, L, vocab) in float32 (tensor parallel: this rank's vocabulary slice)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (batch, length), got {tuple(input_ids.shape)}")
         if cache is not None and len(cache.layers) != len(self.layers):

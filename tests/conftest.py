@@ -1,11 +1,15 @@
 import os
+import socket
+import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 torch.set_num_threads(1)   # pytest-xdist runs one worker per core
 
 from model import ModelConfig, get_preset  # noqa: E402
@@ -45,3 +49,51 @@ def shards(tmp_path_factory):
             writer.write({"tokens": ((start + np.arange(33)) % 256).astype(np.uint16),
                           "doc_starts": np.array([0, 17], dtype=np.int32)})
     return str(out)
+
+
+# ---- several ranks as separate processes (gloo), torchrun-like environment ----------------
+
+_ports_given: set[int] = set()
+
+
+def free_port() -> int:
+    """A free port, never the same twice (jobs launched together have not bound theirs yet)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+
+
+def launch_ranks(script: str, world: int, argument: str,
+                 rank_env: Callable[[int], dict[str, str]] | None = None) -> list[subprocess.Popen]:
+    """`python script argument` once per rank, with RANK, WORLD_SIZE, MASTER_ADDR/PORT set
+    (LOCAL_RANK only if `rank_env` sets it)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": REPO, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            env.pop(var, None)
+        env.update(rank_env(rank) if rank_env else {})
+        procs.append(subprocess.Popen([sys.executable, script, argument], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_ranks(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
+    """Each rank's output once all exited 0; a failed rank's output is the assertion message."""
+    try:
+        outputs = []
+        for proc in procs:
+            output, _ = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, output
+            outputs.append(output)
+        return outputs
+    finally:
+        for proc in procs:          # the other ranks of a failed job would wait for it
+            if proc.poll() is None:
+                proc.kill()

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from conftest import launch_ranks, wait_ranks  # noqa: E402
 from data_pipeline.mds import MDSWriter, StreamingDataset, clean_stale_shared_memory  # noqa: E402
 from data_pipeline.streaming import (IGNORE_INDEX, LoaderConfig, StreamSource,  # noqa: E402
                                      build_train_loader, build_val_loader, make_batch)
@@ -87,49 +87,19 @@ def _rank_worker(args: dict) -> None:
     dist.destroy_process_group()
 
 
-_ports_given: set[int] = set()
-
-
-def _free_port() -> int:
-    """A free port, never the same twice (jobs launched together have not bound theirs yet)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _ports_given:
-            _ports_given.add(port)
-            return port
-
-
 def launch(world: int, out: Path, data: Path, *, steps: int | None = None, state_in: Path | None = None,
            workers: int = 0, launcher_sets_local: bool = True) -> tuple[list[subprocess.Popen], Path, int]:
     args = dict(data=str(data), out=str(out), steps=steps, workers=workers,
                 state_in=str(state_in) if state_in else None)
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-        for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-            env.pop(var, None)
-        if launcher_sets_local:      # as torchrun does; else the loader derives them
-            env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen([sys.executable, __file__, json.dumps(args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs, out, world
+    # as torchrun does; else the loader derives them
+    local = (lambda rank: {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}) if launcher_sets_local else None
+    return launch_ranks(__file__, world, json.dumps(args), local), out, world
 
 
 def collect(job: tuple[list[subprocess.Popen], Path, int]) -> tuple[list[list[list[int]]], dict]:
     """Per rank, the row ids of each batch; and rank 0's final state (all ranks must agree)."""
     procs, out, world = job
-    try:
-        for proc in procs:
-            output, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, output
-    finally:
-        for proc in procs:          # the other ranks of a failed job would wait for it
-            if proc.poll() is None:
-                proc.kill()
+    wait_ranks(procs)
     results = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(world)]
     assert all(r["state"] == results[0]["state"] for r in results)
     return [r["steps"] for r in results], results[0]["state"]

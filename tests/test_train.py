@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -44,17 +46,10 @@ def braid_train(config, *overrides, wait=True, patch=""):
 
 
 
-def free_port() -> str:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def torchrun(config, nproc, *overrides):
     """`braid train` as `nproc` ranks under torchrun on a free port."""
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", free_port(),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            "-m", "launch.cli", "train", config, *overrides]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -242,7 +237,7 @@ def test_signal_to_one_data_parallel_rank_stops_both(tmp_path, shards):
     """Only rank 1 is signalled: both ranks agree, save together and exit for requeue.
     The ranks are started directly (not under torchrun, which kills the others when one exits)."""
     config = write_config(tmp_path, shards, max_steps=100000)
-    port = free_port()
+    port = str(free_port())
     ranks = []
     for rank in range(2):
         env = {**os.environ, "PYTHONPATH": ROOT, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ConfigError
+
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, group_size: int | None = None) -> Tensor:
     """RMS-normalise the last dim (or each group of `group_size` channels of it) in float32."""
@@ -49,22 +51,33 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """How a block builds its projections, so tensor parallelism never forks block code.
+    """How a model builds its projections, so tensor parallelism never forks block code.
 
     `column(in, out, bias)` makes a layer whose output features may be split across
     ranks; `row(in, out, bias)` one whose input features are split and whose output is
-    summed. `tp_size` says how many ranks share a block; blocks divide head and channel
-    counts by it. `all_reduce` sums a partial result over those ranks (Mamba-1's x_proj).
-    The default is a single device: plain nn.Linear, identity reduce.
+    summed (its bias added once, after the sum). `embedding(vocab, d)` and
+    `lm_head(d, vocab)` may split the vocabulary (the head then returns this rank's slice
+    of the logits). `tp_size` says how many ranks share a block; blocks divide head and
+    channel counts by it through `local`. Two reductions for rank-local computation that
+    reads a replicated tensor:
+    - `all_reduce` sums a partial result over the ranks, and sums its gradient as well,
+      since the result feeds this rank's channels only (Mamba-1's x_proj -> dt, B, C);
+    - `all_reduce_grad` is the identity forward and sums the gradient: a replicated
+      tensor read by this rank's heads only (GLA's per-head norm weight).
+    The default is a single device: nn.Linear / nn.Embedding, identity reductions.
     """
     column: Callable[[int, int, bool], nn.Module] = lambda i, o, bias: nn.Linear(i, o, bias=bias)
     row: Callable[[int, int, bool], nn.Module] = lambda i, o, bias: nn.Linear(i, o, bias=bias)
+    embedding: Callable[[int, int], nn.Module] = lambda vocab, d: nn.Embedding(vocab, d)
+    lm_head: Callable[[int, int], nn.Module] = lambda d, vocab: nn.Linear(d, vocab, bias=False)
     tp_size: int = 1
     all_reduce: Callable[[Tensor], Tensor] = lambda x: x
+    all_reduce_grad: Callable[[Tensor], Tensor] = lambda x: x
 
     def local(self, count: int, what: str) -> int:
+        """This rank's share of `count` heads or channels; `what` names the config field."""
         if count % self.tp_size:
-            raise ValueError(f"{what}={count} is not divisible by tensor-parallel size {self.tp_size}")
+            raise ConfigError(f"{what}={count} is not divisible by tensor-parallel size parallel.tp={self.tp_size}")
         return count // self.tp_size
 
 

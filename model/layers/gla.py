@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..kernels import use_kernel
 from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
 from ..sequence import SequenceInfo
-from .common import LinearSpec, RMSNorm
+from .common import LinearSpec, RMSNorm, rms_norm
 
 
 class GatedLinearAttention(nn.Module):
@@ -33,10 +33,12 @@ class GatedLinearAttention(nn.Module):
         self.k_proj = spec.column(cfg.d_model, key_dim, False)
         self.v_proj = spec.column(cfg.d_model, value_dim, False)
         self.g_proj = spec.column(cfg.d_model, value_dim, False)             # output gate
-        # low-rank decay gate: the rank-16 input is replicated across TP ranks, its output split
+        # low-rank decay gate: the rank-16 hidden is replicated across TP ranks, its output split
+        # by heads (a column layer, so the hidden's gradient is summed over the ranks' heads)
         self.gk_down = nn.Linear(cfg.d_model, g.gate_low_rank_dim, bias=False)
-        self.gk_up = nn.Linear(g.gate_low_rank_dim, self.n_heads * self.head_k, bias=True)
-        self.g_norm = RMSNorm(self.head_v, cfg.norm_eps)
+        self.gk_up = spec.column(g.gate_low_rank_dim, key_dim, True)
+        self.g_norm = RMSNorm(self.head_v, cfg.norm_eps)       # one weight shared by all heads
+        self.all_reduce_grad = spec.all_reduce_grad
         self.o_proj = spec.row(value_dim, cfg.d_model, False)
 
     def empty_cache(self) -> RecurrentState:
@@ -64,5 +66,7 @@ class GatedLinearAttention(nn.Module):
             o = o.transpose(1, 2)
         if cache is not None:
             cache.state = state.float()
-        o = self.g_norm(o.to(x.dtype)) * F.silu(heads(self.g_proj(x), self.head_v))
+        # under TP a rank's heads give only part of the shared norm weight's gradient
+        norm_weight = self.all_reduce_grad(self.g_norm.weight)
+        o = rms_norm(o.to(x.dtype), norm_weight, self.g_norm.eps) * F.silu(heads(self.g_proj(x), self.head_v))
         return self.o_proj(o.reshape(batch, length, self.n_heads * self.head_v))

@@ -5,7 +5,8 @@ export is a rename-free copy. Per channel d and state n:
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t,    y_t = C_t . h_t + D * x_t
 Cache (`RecurrentState`): conv tail (B, K-1, d_inner) and SSM state (B, d_inner, d_state).
 Tensor parallel: channels split; x_proj reads all of d_inner, so its partial
-products are summed across ranks (`spec.all_reduce`) before dt, B and C are used.
+products are summed across ranks (`spec.all_reduce`) before dt, B and C are used,
+and so is their gradient (each rank's channels contribute a part of it).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class Mamba(nn.Module):
         super().__init__()
         m = cfg.mamba
         self.cfg = m
-        self.d_inner = spec.local(cfg.d_inner, "Mamba d_inner")
+        self.d_inner = spec.local(cfg.d_inner, "model.mamba.expand * model.d_model (Mamba d_inner)")
         self.d_state, self.dt_rank, self.kernels, self.all_reduce = m.d_state, cfg.dt_rank, cfg.kernels, spec.all_reduce
         self.in_proj = spec.column(cfg.d_model, 2 * cfg.d_inner, False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=m.conv_bias)

@@ -30,7 +30,7 @@ class Mamba2(nn.Module):
         super().__init__()
         m = self.cfg = cfg.mamba
         self.kernels = cfg.kernels
-        self.n_heads = spec.local(cfg.mamba2_heads, "Mamba-2 heads")
+        self.n_heads = spec.local(cfg.mamba2_heads, "d_inner / model.mamba.head_dim (Mamba-2 heads)")
         self.n_groups = spec.local(m.n_groups, "model.mamba.n_groups")
         self.head_dim, self.d_state = m.head_dim, m.d_state
         self.d_inner = self.n_heads * m.head_dim

@@ -13,6 +13,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: LinearSpec):
         super().__init__()
+        spec.local(cfg.mlp_hidden, "model.mlp_hidden")      # a bad tp fails here, naming the field
         self.gate_proj = spec.column(cfg.d_model, cfg.mlp_hidden, False)
         self.up_proj = spec.column(cfg.d_model, cfg.mlp_hidden, False)
         self.down_proj = spec.row(cfg.mlp_hidden, cfg.d_model, False)

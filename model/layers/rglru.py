@@ -87,7 +87,7 @@ class RecurrentBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LinearSpec):
         super().__init__()
         r = cfg.rglru
-        self.width = spec.local(cfg.rglru_width, "RG-LRU width")
+        self.width = spec.local(cfg.rglru_width, "model.rglru.width (RG-LRU width)")
         self.init_std = cfg.init_std
         self.linear_y = spec.column(cfg.d_model, cfg.rglru_width, True)
         self.linear_x = spec.column(cfg.d_model, cfg.rglru_width, True)
