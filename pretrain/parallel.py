@@ -53,8 +53,6 @@ class Layout:
 def plan_layout(cfg: TrainConfig, world: int) -> Layout:
     """The layout of `world` ranks for cfg.parallel, or a ConfigError naming the numbers."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world % (tp * pp):
-        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the {world} ranks")
     if tp > 1:
         from model.sharding import check_tensor_parallel
         check_tensor_parallel(cfg.model, tp)
@@ -68,6 +66,8 @@ def plan_layout(cfg: TrainConfig, world: int) -> Layout:
         if cfg.parallel.zero_stage != 1:
             raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} with parallel.pp={pp}: "
                               "DeepSpeed's pipeline engine takes ZeRO stage 1 only")
+    if world % (tp * pp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the {world} ranks")
     return Layout(tp=tp, pp=pp, dp=world // (tp * pp))
 
 
