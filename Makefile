@@ -8,7 +8,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
 
-.PHONY: env test bench train clean
+.PHONY: env slurm test bench train clean
 
 env: $(STAMP)
 
@@ -19,7 +19,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps $(STREAMING)
 	touch $(STAMP)
 
-test: $(STAMP)
+# A real Slurm for tests/test_launch_slurm.py: Debian 12's Slurm 22.05 packages, downloaded and extracted
+# here (never installed; tests/slurm_cluster.py runs the daemons from this folder). Once; `apt-get update`
+# only when the package lists lack them.
+SLURM_DIR := .cache/slurm
+SLURM_STAMP := $(SLURM_DIR)/.extracted
+SLURM_DEBS := slurmctld slurmd slurm-client slurm-wlm-basic-plugins libhwloc15
+
+slurm: $(SLURM_STAMP)
+
+$(SLURM_STAMP):
+	rm -rf $(SLURM_DIR) && mkdir -p $(SLURM_DIR)/debs
+	cd $(SLURM_DIR)/debs && { apt-get download $(SLURM_DEBS) || { apt-get update -qq && apt-get download $(SLURM_DEBS); }; }
+	for deb in $(SLURM_DIR)/debs/*.deb; do dpkg-deb -x "$$deb" $(SLURM_DIR)/root || exit 1; done
+	rm -rf $(SLURM_DIR)/debs
+	touch $@
+
+test: $(STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
 bench: $(STAMP)

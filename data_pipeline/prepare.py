@@ -202,10 +202,14 @@ def _local_executor(stage: Stage, recipe: Recipe, layout: Layout):
 def _slurm_executor(stage: Stage, recipe: Recipe, layout: Layout, depends=None):
     from datatrove.executor import SlurmPipelineExecutor
     s = recipe.executor.slurm
+    # the options datatrove has no argument for (account, sbatch_args); it writes `--key` for an empty value
+    own_arguments = ("partition", "time", "qos", "cpus-per-task", "job-name")
+    sbatch_args = {name: value or "" for name, value in s.sbatch_options().items() if name not in own_arguments}
     return SlurmPipelineExecutor(
         [step for _, step in stage.steps], tasks=stage.tasks, time=s.time, partition=s.partition,
         cpus_per_task=s.cpus_per_task, mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, workers=-1,
-        job_name=f"{s.job_name}-{stage.name}", env_command=s.env_command, sbatch_args=dict(s.sbatch_args),
+        job_name=f"{s.job_name}-{stage.name}", env_command="\n".join(s.environment_lines()) or None,
+        sbatch_args=sbatch_args,
         logging_dir=layout.logs(stage.name), slurm_logs_folder=os.path.join(layout.work, "slurm_logs", stage.name),
         skip_completed=stage.skip_completed, depends=depends)
 

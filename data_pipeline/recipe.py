@@ -49,15 +49,18 @@ directory. Values shown are the defaults, except where a key is required or mark
       tasks: 1                        # whole input files (hf_disk: rows) are shared out between tasks;
                                       #   shards are written per task
       workers: 1                      # local only: tasks run at once (-1: all); Slurm runs all at once
-      slurm:                          # slurm only
+      slurm:                          # slurm only; the keys of launch.settings.SlurmSettings (as in a
+                                      #   training config's launch.slurm) plus mem_per_cpu_gb
         partition: null               #   required for slurm
         time: "04:00:00"
+        account: null
+        qos: null
         cpus_per_task: 1
         mem_per_cpu_gb: 2
-        qos: null
         job_name: braid-data
-        env_command: null             #   e.g. "source /path/to/venv/bin/activate"
-        sbatch_args: {}
+        setup: []                     #   shell lines before the work, e.g. ["source /path/to/venv/bin/activate"]
+        env: {}                       #   exported variables, e.g. {HF_HOME: /scratch/hf}
+        sbatch_args: {}               #   further #SBATCH options, e.g. {exclusive: true}
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from launch.config_io import build_dataclass, load_config
+from launch.settings import SlurmSettings
 
 
 # ---------------------------------------------------------------------------- sections
@@ -177,15 +181,12 @@ class ShardsSpec:
 
 
 @dataclass
-class SlurmSpec:
-    partition: Optional[str] = None
+class SlurmSpec(SlurmSettings):
+    """launch.settings.SlurmSettings (the keys a training config's launch.slurm has too), data defaults, memory."""
     time: str = "04:00:00"
     cpus_per_task: int = 1
-    mem_per_cpu_gb: int = 2
-    qos: Optional[str] = None
     job_name: str = "braid-data"
-    env_command: Optional[str] = None
-    sbatch_args: dict[str, Any] = field(default_factory=dict)
+    mem_per_cpu_gb: int = 2
 
 
 @dataclass
@@ -289,6 +290,9 @@ def _check(recipe: Recipe) -> None:
         raise ValueError("recipe.executor.workers: must be >= 1, or -1 for all tasks at once")
     if ex.type == "slurm" and not ex.slurm.partition:
         raise ValueError("recipe.executor.slurm.partition: required for the slurm executor")
+    # datatrove sets these itself for its array jobs
+    ex.slurm.check("recipe.executor.slurm", reserved={name: "datatrove's SlurmPipelineExecutor" for name in
+                                                      ("array", "output", "error", "nodes", "mem-per-cpu")})
     mh = recipe.dedup.minhash
     if recipe.dedup.method == "minhash" and min(mh.n_grams, mh.num_buckets, mh.hashes_per_bucket) < 1:
         raise ValueError("recipe.dedup.minhash: n_grams, num_buckets and hashes_per_bucket must be >= 1")

@@ -3,6 +3,9 @@
     braid data prepare RECIPE.yaml [k=v ...]
     braid data tokenizer RECIPE.yaml [k=v ...]
     braid train CONFIG.yaml [k=v ...]
+    braid launch local CONFIG.yaml --nproc N [k=v ...]
+    braid launch slurm CONFIG.yaml --nodes N --gpus-per-node G [--cpu] [--partition P] [--time T]
+                       [--account A] [--dry-run] [k=v ...]
 """
 from __future__ import annotations
 
@@ -20,6 +23,15 @@ def _train(args: argparse.Namespace) -> int:
     return train.run(args.config, args.overrides)
 
 
+def _launch(args: argparse.Namespace) -> int:
+    if args.launcher == "local":
+        from launch.local import launch_local
+        return launch_local(args.config, args.nproc, args.overrides)
+    from launch.slurm import launch_slurm
+    return launch_slurm(args.config, args.nodes, args.gpus_per_node, args.overrides, cpu=args.cpu,
+                        partition=args.partition, time=args.time, account=args.account, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braid", description="Pretraining stack for hybrid language models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training YAML (see configs/tiny.yaml)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     train.set_defaults(handler=_train)
+
+    launch = commands.add_parser("launch", help="start `braid train` ranks: torchrun here, or an sbatch job")
+    launchers = launch.add_subparsers(dest="launcher", required=True)
+    local = launchers.add_parser("local", help="torchrun with N ranks on this machine (nccl on GPUs, gloo on CPU)")
+    local.add_argument("config", help="training YAML (see configs/tiny.yaml)")
+    local.add_argument("--nproc", type=int, required=True, help="ranks (at most the visible GPUs on a GPU machine)")
+    local.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    slurm = launchers.add_parser("slurm", help="write RUN_DIR/slurm/job.sbatch and submit it (requeued on USR1)")
+    slurm.add_argument("config", help="training YAML; its launch: section holds the Slurm settings")
+    slurm.add_argument("--nodes", type=int, required=True, help="nodes; one srun task (a torchrun) per node")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs requested per node, one rank each")
+    slurm.add_argument("--cpu", action="store_true",
+                       help="request no GPUs: --gpus-per-node ranks per node on CPU (gloo)")
+    slurm.add_argument("--partition", help="overrides launch.slurm.partition")
+    slurm.add_argument("--time", help="overrides launch.slurm.time (Slurm format, e.g. 24:00:00)")
+    slurm.add_argument("--account", help="overrides launch.slurm.account")
+    slurm.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    slurm.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    launch.set_defaults(handler=_launch)
     parser.subcommands = commands.choices
     return parser
 
@@ -49,7 +80,14 @@ def next_steps(run_dir: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # options may stand between CONFIG and the overrides (`launch local CONFIG --nproc 2 k=v`): argparse
+    # leaves the overrides after them unparsed, so they are collected here
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "overrides") or any(arg.startswith("-") for arg in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides += rest
     try:
         return args.handler(args) or 0
     except (ValueError, FileNotFoundError) as err:   # config and input errors: one line, no traceback

@@ -2,6 +2,7 @@
 
     run_dir: runs/tiny
     seed: 0
+    launch: {slurm: {partition: gpu, ...}}   # `braid launch` only: launch.settings.LaunchConfig
     model: {preset: tiny, ...}            # model.config.ModelConfig fields over a preset
     data:
       train: [{path: data/tiny/train, proportion: null}]   # one or more MDS streams (mixture)
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launch.config_io import build_dataclass
+from launch.settings import LaunchConfig
 from model import ModelConfig
 from model.config import SUBLAYERS, ConfigError, parse_pattern
 
@@ -124,6 +126,7 @@ class LoggingConfig:
 class TrainConfig:
     run_dir: str = "runs/tiny"
     seed: int = 0
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

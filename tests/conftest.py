@@ -97,3 +97,15 @@ def wait_ranks(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]
         for proc in procs:          # the other ranks of a failed job would wait for it
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.fixture
+def tiny_overrides(shards):
+    """`key=value` overrides that shrink configs/tiny.yaml to seconds on CPU, on the `shards` data."""
+    def overrides(run_dir: str, changes: dict | None = None) -> list[str]:
+        values = {"run_dir": run_dir, "data.train": f"[{shards}]", "data.val": "null", "data.seq_len": 32,
+                  "data.micro_batch": 2, "model.vocab_size": 256, "model.d_model": 64, "model.mlp_hidden": 96,
+                  "model.attn.window": 8, "model.gla.chunk_size": 8, "train.log_every": 1, "train.val_every": 0,
+                  "logging.tensorboard": "false", **(changes or {})}
+        return [f"{key}={value}" for key, value in values.items()]
+    return overrides

@@ -382,7 +382,9 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("override, key", [("filters.lenght.min_chars=5", "recipe.filters.lenght"),
                                            ("executor.slurm.partitoin=cpu", "recipe.executor.slurm.partitoin"),
-                                           ("shards.row_length=abc", "recipe.shards.row_length")])
+                                           ("shards.row_length=abc", "recipe.shards.row_length"),
+                                           ("executor.slurm.sbatch_args={array: 0-3}",
+                                            "recipe.executor.slurm.sbatch_args.array: set by datatrove")])
 def test_bad_recipe_key_names_its_path(tmp_path, tokenizer_path, capsys, override, key):
     recipe = write_recipe(tmp_path, tokenizer_path)
     assert braid(["data", "prepare", recipe, override]) == 2
@@ -440,7 +442,8 @@ def test_slurm_executor_from_recipe(tmp_path, tokenizer_path):
     recipe = load_recipe(write_recipe(tmp_path, tokenizer_path, executor={
         "type": "slurm", "tasks": 8,
         "slurm": {"partition": "cpu-long", "time": "07:30:00", "cpus_per_task": 4, "mem_per_cpu_gb": 3,
-                  "job_name": "tiny", "env_command": "source /opt/braid/bin/activate"}}))
+                  "job_name": "tiny", "account": "lm", "setup": ["source /opt/braid/bin/activate"],
+                  "env": {"HF_HOME": "/scratch/hf home"}, "sbatch_args": {"exclusive": True}}}))
     executors = build_executors(recipe)
     assert [ex.job_name for ex in executors] == ["tiny-filter", "tiny-dedup", "tiny-check", "tiny-tokenize",
                                                   "tiny-publish"]
@@ -452,7 +455,8 @@ def test_slurm_executor_from_recipe(tmp_path, tokenizer_path):
     script = executors[0].get_launch_file_contents(executors[0].get_sbatch_args(8), "launch_pickled_pipeline x")
     for line in ("#SBATCH --partition=cpu-long", "#SBATCH --time=07:30:00", "#SBATCH --cpus-per-task=4",
                  "#SBATCH --mem-per-cpu=3G", "#SBATCH --array=0-7", "#SBATCH --job-name=tiny-filter",
-                 "source /opt/braid/bin/activate"):
+                 "#SBATCH --account=lm", "#SBATCH --exclusive\n", "source /opt/braid/bin/activate",
+                 "export HF_HOME='/scratch/hf home'"):
         assert line in script
     assert "#SBATCH --qos" not in script
     dill.loads(dill.dumps(executors[-1]))   # what sbatch runs is this executor, pickled
