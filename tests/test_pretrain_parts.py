@@ -83,7 +83,7 @@ def test_train_config_reads_sections_and_stream_shorthand():
     ({"model": {"preset": "tiny", "d_modle": 3}}, r"model: unknown key"),
     ({"train": {"max_steps": 0}}, r"^train\.max_steps=0"),
     ({"data": {"train": []}}, r"^data\.train: needs at least one stream"),
-    ({"parallel": {"tp": 2}}, r"^parallel\.tp=2"),
+    ({"parallel": {"tp": 0}}, r"^parallel\.tp=0: must be a positive integer"),
     ({"schedule": {"name": "step"}}, r"^schedule\.name='step'"),
     ({"parallel": {"zero_stage": 0}}, r"^parallel\.zero_stage=0: must be 1, 2 or 3"),
     ({"train": {"activation_checkpointing": "MQ"}}, r"^train\.activation_checkpointing='MQ': Q not in"),
