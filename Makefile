@@ -38,13 +38,14 @@ $(SLURM_STAMP):
 test: $(STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
-bench: $(STAMP)
+bench: $(STAMP) data/tiny/braid_data.json
 	$(PY) benchmarks/bench_scans.py
 	$(PY) benchmarks/bench_window_attention.py
 	$(PY) benchmarks/bench_mixers.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/parallel_memory.py
+	$(PY) benchmarks/bench_train_loop.py
 
 # the bundled corpus -> tokenizer -> shards, only when the shards are missing
 TINY_DATA := data/tiny/braid_data.json

@@ -1,4 +1,4 @@
-"""Per-rank parameter and activation memory under tensor parallelism, counted (not timed).
+"""Per-rank parameter and activation memory under tensor and pipeline parallelism, counted (not timed).
 
 One process builds one rank's shapes with `model.sharding.rank_local_spec(tp)` (no process
 group): parameters on the meta device; activations as the bytes autograd saves for backward
@@ -7,7 +7,12 @@ distinct storages counted once, parameters excluded, divided by the tokens. The 
 the final norm, the vocab-parallel head and the loss (F.cross_entropy over the rank's logits
 stands in for megatron's vocab-parallel loss, which saves the same V/tp softmax per token).
 
-    python benchmarks/parallel_memory.py [--preset samba-421m] [--tp 1 2] [--length 4096]
+Pipeline stages are the ones `braid train` makes (pretrain/parallel.py: cuts at '|', else
+DeepSpeed's balance by parameters over embedding, sublayers, final norm, head; a tied
+embedding counted on both end stages). Under DeepSpeed's 1F1B schedule stage s of p keeps
+the activations of up to p - s micro-batches, so the first stage's row is the peak.
+
+    python benchmarks/parallel_memory.py [--preset samba-421m] [--tp 1 2] [--pp 1 2] [--length 4096]
 """
 from __future__ import annotations
 
@@ -67,18 +72,40 @@ def count(preset: str, tp: int, length: int) -> dict:
         model.parameters()) / length
     per_token = sum(activations[kind] for kind in kinds) + activations["head + loss"]
     return {"tp": tp, "parameters": params, "activation_bytes_per_token": activations,
-            "activation_bytes_per_token_model": per_token}
+            "activation_bytes_per_token_model": per_token,
+            "layers": {"parameters": [params["embedding"], *(sum(p.numel() for p in layer.parameters())
+                                                             for layer in meta.layers), params["final norm"],
+                                      params["embedding"] if cfg.tie_embeddings else meta.lm_head.weight.numel()],
+                       "activations": [0.0, *(activations[kind] for kind in kinds), 0.0, activations["head + loss"]]}}
+
+
+def stages(row: dict, cfg, pp: int) -> list[dict]:
+    """Per-stage parameters and activations (bytes per token of one micro-batch) at `pp` stages."""
+    from deepspeed.runtime.utils import partition_balanced
+    from pretrain.parallel import stage_bounds
+    layers = row["layers"]
+    bounds = (stage_bounds(cfg) if pp > 1 else None) or (
+        partition_balanced(weights=layers["parameters"], num_parts=pp) if pp > 1 else [0, len(layers["parameters"])])
+    shared = layers["parameters"][0] if cfg.tie_embeddings and pp == 1 else 0    # one stage: one tied matrix
+    return [{"stage": s, "layers": bounds[s + 1] - bounds[s],
+             "parameters": sum(layers["parameters"][bounds[s]:bounds[s + 1]]) - shared,
+             "activation_bytes_per_token": sum(layers["activations"][bounds[s]:bounds[s + 1]]),
+             "micro_batches_in_flight": pp - s} for s in range(pp)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="samba-421m")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--pp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--length", type=int, default=4096, help="tokens per sequence (the training length)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/parallel_memory.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = [count(args.preset, tp, args.length) for tp in args.tp]
+    cfg = get_preset(args.preset)
+    for row in rows:
+        row["pipeline"] = {pp: stages(row, cfg, pp) for pp in args.pp}
     for row in rows:
         print(f"TP={row['tp']}: {row['parameters']['total'] / 1e6:.1f}M parameters per rank")
         for name, value in row["parameters"].items():
@@ -86,6 +113,11 @@ def main() -> None:
         for name, value in row["activation_bytes_per_token"].items():
             print(f"  activations {name:16s} {value / 1024:9.1f} KiB/token")
         print(f"  activations, whole model    {row['activation_bytes_per_token_model'] / 2 ** 20:9.2f} MiB/token")
+        for pp, parts in row["pipeline"].items():
+            for st in parts:
+                print(f"  PP={pp} stage {st['stage']}: {st['layers']} layers, {st['parameters'] / 1e6:.1f}M parameters, "
+                      f"{st['activation_bytes_per_token'] / 2 ** 20:.2f} MiB/token x {st['micro_batches_in_flight']} "
+                      "micro-batches in flight")
     meta = {"preset": args.preset, "length": args.length, "batch": 1, "dtype": "float32",
             "torch": torch.__version__, "python": platform.python_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

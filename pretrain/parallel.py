@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model import HybridLM, pattern_stages
+from model import HybridLM, ModelConfig, pattern_stages
 from model.config import ConfigError
 from model.sequence import sequence_info
 
@@ -231,16 +231,16 @@ class _HeadPipe(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def stage_bounds(model: HybridLM, pp: int) -> list[int] | None:
+def stage_bounds(cfg: ModelConfig) -> list[int] | None:
     """Pipeline-layer indices where stages start (embedding, sublayers..., norm, head), from the
     pattern's '|' marks; None: no marks, balance by parameter count."""
-    stages = pattern_stages(model.cfg.pattern)
+    stages = pattern_stages(cfg.pattern)
     if len(stages) == 1:
         return None
     bounds = [0]
     for stage in stages[:-1]:
         bounds.append(1 + stage[-1] + 1)           # after the embedding and this stage's sublayers
-    return bounds + [1 + model.cfg.n_sublayers + 2]
+    return bounds + [1 + cfg.n_sublayers + 2]
 
 
 def pipeline_module(model: HybridLM, layout: Layout, loss) -> nn.Module:
@@ -260,7 +260,7 @@ def pipeline_module(model: HybridLM, layout: Layout, loss) -> nn.Module:
     cfg = model.cfg
     parts = {"embed": model.embed, "lm_head": model.lm_head, "layers": list(model.layers), "norm": model.norm,
              "tied": cfg.tie_embeddings, "checkpointed_kinds": model.checkpointed_kinds}
-    bounds = stage_bounds(model, layout.pp)
+    bounds = stage_bounds(cfg)
     if cfg.tie_embeddings:
         first = TiedLayerSpec("embed", _EmbeddingPipe, parts, tied_weight_attr="embed.weight")
         last = TiedLayerSpec("embed", _EmbeddingPipe, parts, forward_fn=_tied_head, tied_weight_attr="embed.weight")
