@@ -64,6 +64,16 @@ def test_layouts_match_one_process(tmp_path, shards, single, nproc, overrides):
     errors = [line for line in (out.stdout + out.stderr).splitlines() if "error" in line.lower()]
     assert out.returncode == 0, "\n".join(errors[-10:]) or out.stderr[-3000:]
     assert_same_run(str(tmp_path / "run"), reference)
+    tag = tmp_path / "run" / "checkpoints" / "step_00000003"
+    settings = dict(o.split("=", 1) for o in overrides)
+    tp, pp = int(settings.get("parallel.tp", 1)), int(settings.get("parallel.pp", 1))
+    layout = {"tp": tp, "pp": pp, "dp": nproc // (tp * pp)}
+    assert json.loads((tag / "braid.json").read_text()) == {"step": 3, "layout": layout}
+    if pp > 1:      # one file per pipeline layer and tensor-parallel rank, each rank's shard of the weights
+        import torch
+        for rank in range(tp):
+            embed = torch.load(tag / f"layer_00-model_{rank:02d}-model_states.pt", weights_only=True)
+            assert embed["embed.weight"].shape == (256 // tp, 64)
 
 
 def test_pipeline_resume_is_exact_and_layout_is_checked(tmp_path, shards):
