@@ -1,1 +1,1 @@
-"""conversion: see DESIGN.md; built by its own issue."""
+"""Training checkpoints <-> Hugging Face folders."""

@@ -1,7 +1,7 @@
 """Checkpoints: DeepSpeed tags plus what DeepSpeed does not know (loader position, RNG, config).
 
     RUN_DIR/checkpoints/step_00000200/   one tag per save (DeepSpeed model/optimizer/scheduler shards,
-                                         one set per rank) and braid.json: step and rank layout
+                                         one set per rank) and braid.json: step, rank layout, model config
     RUN_DIR/checkpoints/latest           the newest *complete* tag, replaced atomically after a save
 
 `latest` moves only when every rank has finished writing, so a kill during a save leaves the
@@ -28,13 +28,17 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """RNG states as tensors and plain values, so checkpoints load with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def latest_tag(run_dir: str) -> str | None:
@@ -55,7 +59,8 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: in
         dist.barrier()                          # every shard is on disk before `latest` moves
     if not dist.is_initialized() or dist.get_rank() == 0:
         with open(os.path.join(root, tag, INFO), "w") as f:
-            json.dump({"step": step, "layout": client_state.get("layout")}, f)
+            json.dump({"step": step, "layout": client_state.get("layout"),
+                       "model": client_state.get("config", {}).get("model")}, f)
         pointer = os.path.join(root, LATEST)
         with open(pointer + ".tmp", "w") as f:
             f.write(tag)

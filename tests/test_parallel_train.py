@@ -8,7 +8,9 @@ import json
 import os
 
 import pytest
+import torch
 
+from conversion.checkpoint import load_training_checkpoint
 from test_train import braid_train, losses, torchrun, write_config
 
 pytestmark = pytest.mark.slow
@@ -68,12 +70,23 @@ def test_layouts_match_one_process(tmp_path, shards, single, nproc, overrides):
     settings = dict(o.split("=", 1) for o in overrides)
     tp, pp = int(settings.get("parallel.tp", 1)), int(settings.get("parallel.pp", 1))
     layout = {"tp": tp, "pp": pp, "dp": nproc // (tp * pp)}
-    assert json.loads((tag / "braid.json").read_text()) == {"step": 3, "layout": layout}
+    info = json.loads((tag / "braid.json").read_text())
+    assert (info["step"], info["layout"]) == (3, layout)
     if pp > 1:      # one file per pipeline layer and tensor-parallel rank, each rank's shard of the weights
-        import torch
         for rank in range(tp):
             embed = torch.load(tag / f"layer_00-model_{rank:02d}-model_states.pt", weights_only=True)
             assert embed["embed.weight"].shape == (256 // tp, 64)
+    if "parallel.zero_stage=3" in overrides:
+        return                                       # its weights stay partitioned: not consolidated yet
+    # The shards consolidate into the weights one process trained. Not to 1e-5: AdamW's first steps
+    # move each weight by about lr * sign(grad), so the 1e-7 gradient differences of another
+    # summation order show up as ~5e-4 of a tensor's largest weight; a wrong merge is off by ~1.
+    state, cfg, _ = load_training_checkpoint(str(tmp_path / "run"))
+    reference_state, reference_cfg, _ = load_training_checkpoint(reference)
+    assert cfg == reference_cfg and sorted(state) == sorted(reference_state)
+    worst = {name: ((state[name] - tensor).abs().max() / tensor.abs().max().clamp_min(1e-12)).item()
+             for name, tensor in reference_state.items()}
+    assert max(worst.values()) < 5e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_pipeline_resume_is_exact_and_layout_is_checked(tmp_path, shards):
@@ -84,7 +97,7 @@ def test_pipeline_resume_is_exact_and_layout_is_checked(tmp_path, shards):
     broken = write_config(tmp_path / "b", shards, max_steps=6)
     assert torchrun(broken, 2, "parallel.pp=2", "train.stop_after=3").returncode == 0
     info = json.loads((tmp_path / "b" / "run" / "checkpoints" / "step_00000003" / "braid.json").read_text())
-    assert info == {"step": 3, "layout": {"tp": 1, "pp": 2, "dp": 1}}
+    assert (info["step"], info["layout"], info["model"]["vocab_size"]) == (3, {"tp": 1, "pp": 2, "dp": 1}, 256)
     other = braid_train(broken)                               # one process cannot take a 2-stage checkpoint
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1].endswith(
@@ -108,3 +121,20 @@ def test_layout_errors_before_any_process_group(tmp_path, shards, overrides, mes
         assert out.returncode == 0, out.stdout[-2000:]
     else:
         assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"braid: error: {message}"
+
+
+def test_consolidation_errors_name_the_file_or_tensor(tmp_path, shards):
+    config = write_config(tmp_path, shards, max_steps=1)
+    assert torchrun(config, 2, "parallel.pp=2").returncode == 0
+    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
+    info = json.loads((tag / "braid.json").read_text())
+    (tag / "braid.json").write_text(json.dumps({**info, "model": {**info["model"], "mlp_hidden": 128}}))
+    with pytest.raises(ValueError, match=r"tensor layers\.1\.mixer\.\w+_proj\.weight has shape \(\d+, \d+\), "
+                                         r"the model config expects \(\d+, \d+\)"):
+        load_training_checkpoint(str(tmp_path / "run"))
+    (tag / "braid.json").write_text(json.dumps(info))
+    (tag / "layer_03-model_00-model_states.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"layer_03-model_00-model_states\.pt: missing \(the checkpoint is partial\)"):
+        load_training_checkpoint(str(tag))
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+        load_training_checkpoint(str(tmp_path / "run"), step=7)

@@ -1,0 +1,97 @@
+"""A training checkpoint as one unsharded state dict, with HybridLM's parameter names.
+
+    state_dict, cfg, info = load_training_checkpoint("runs/tiny")          # or a step_* folder
+
+DeepSpeed writes, per tag (pretrain/checkpoint.py adds braid.json: step, layout, model config):
+  pp = 1:  mp_rank_{tp:02d}_model_states.pt     ["module"]: TP rank tp's whole model
+  pp > 1:  layer_{i:02d}-model_{tp:02d}-model_states.pt   pipeline layer i of TP rank tp:
+           0 embedding (and the tied head), 1..n sublayers, n+1 final norm, n+2 untied head
+Merge rules: data-parallel replicas are identical under ZeRO 1/2 (the module weights are
+whole; rank 0's are read); pipeline layers are renamed back (`layer.` of pipeline layer i ->
+`layers.{i-1}.`); tensor-parallel shards are joined by model.sharding's rule per parameter
+(column: dim 0, row: dim 1, fused projections part by part, replicated: rank 0's copy).
+Files are read with torch.load(weights_only=True) and every shape is checked against the config.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model import HybridLM, ModelConfig
+from model.sharding import merge_tp_shards
+
+INFO = "braid.json"
+
+
+def resolve_tag(path: str, step: int | None = None) -> str:
+    """The step_* folder for a run directory, its checkpoints/ folder or the folder itself."""
+    if os.path.isfile(os.path.join(path, INFO)):
+        return path
+    root = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else os.path.join(path, "checkpoints")
+    if step is not None:
+        tag = os.path.join(root, f"step_{step:08d}")
+        if not os.path.isdir(tag):
+            raise FileNotFoundError(f"{tag}: no checkpoint of step {step}")
+        return tag
+    latest = os.path.join(root, "latest")
+    if not os.path.isfile(latest):
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {INFO}) nor a run directory (no {latest})")
+    with open(latest) as f:
+        return os.path.join(root, f.read().strip())
+
+
+def _load(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (the checkpoint is partial)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def _tp_rank_state(tag: str, cfg: ModelConfig, tp_rank: int, pp: int) -> dict[str, Tensor]:
+    """TP rank `tp_rank`'s state dict with HybridLM's names, its pipeline layers joined."""
+    if pp == 1:
+        module = _load(os.path.join(tag, f"mp_rank_{tp_rank:02d}_model_states.pt")).get("module")
+        if not module:
+            raise ValueError(f"{tag}: no module weights in mp_rank_{tp_rank:02d}_model_states.pt (a ZeRO-3 "
+                             "checkpoint keeps them partitioned; consolidating those is not supported yet)")
+        return dict(module)
+    state: dict[str, Tensor] = {}
+    n = cfg.n_sublayers
+    for index in range(n + 3):
+        if index == n + 2 and cfg.tie_embeddings:
+            break                                 # a tied head is saved once, with the embedding (layer 0)
+        layer = _load(os.path.join(tag, f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"))
+        for name, tensor in layer.items():
+            if 1 <= index <= n:
+                name = f"layers.{index - 1}.{name.removeprefix('layer.')}"
+            state[name] = tensor
+    return state
+
+
+def load_training_checkpoint(path: str, step: int | None = None) -> tuple[dict[str, Tensor], ModelConfig, dict]:
+    """(unsharded state dict, model config, braid.json) of a checkpoint saved at any TP/PP/DP layout."""
+    tag = resolve_tag(path, step)
+    with open(os.path.join(tag, INFO)) as f:
+        info = json.load(f)
+    if not info.get("model") or not info.get("layout"):
+        raise ValueError(f"{os.path.join(tag, INFO)}: no model config or layout (saved by an older Braid)")
+    cfg = ModelConfig.from_dict(info["model"])
+    tp, pp = info["layout"]["tp"], info["layout"]["pp"]
+    shards = [_tp_rank_state(tag, cfg, rank, pp) for rank in range(tp)]
+    state = merge_tp_shards(shards, cfg) if tp > 1 else shards[0]
+    with torch.device("meta"):                                 # shapes only
+        expected = HybridLM(cfg).state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{tag}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} for the model config")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{tag}: tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"the model config expects {tuple(tensor.shape)}")
+    return state, cfg, info
