@@ -283,3 +283,20 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"model.preset={name!r}: unknown preset (known: {', '.join(PRESETS)})")
     return PRESETS[name]()
+
+
+def transformer_twin(cfg: ModelConfig) -> ModelConfig:
+    """The Llama-style Transformer of the same width and depth, to measure a hybrid against.
+
+    Every mixer sublayer (M, G, S, R, *) becomes full causal attention `*` with the
+    config's attention heads, kv heads and rotary base; MLP sublayers `-` and stage
+    marks `|` stay where they are, as do d_model, mlp_hidden and the vocabulary.
+    Width is deliberately not changed to match parameters: the twin is smaller than a
+    Samba hybrid because a Mamba-1 mixer (in_proj d x 4d, out_proj 2d x d, x/dt
+    projections) holds more weights than attention (about 4 d^2). samba-421m: 421.8M
+    parameters, twin 388.9M (-7.8%; -8.8% without the embedding); samba-1.3b: 1330.2M,
+    twin 1220.4M (-8.3%; -8.7% without the embedding). Throughput ratios should be read
+    with MFU beside them, which counts each model's own FLOPs.
+    """
+    pattern = "".join(s if s in ("-", STAGE_BOUNDARY) else "*" for s in cfg.pattern)
+    return cfg.replace(pattern=pattern)

@@ -1,0 +1,42 @@
+"""benchmarks/train_throughput.py end to end at smoke size on CPU: the JSON it writes has every field."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "train_throughput.py"
+
+
+def _run(tmp_path: Path, *flags: str) -> dict:
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--presets", "samba-421m", "--out", str(out), *flags],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_train_throughput_smoke_reports_hybrid_twin_and_ratio(tmp_path):
+    data = _run(tmp_path, "--recompute", "all")
+    meta = data["meta"]
+    assert meta["mode"] == "train" and meta["device"].startswith("cpu") and meta["peak_flops"] is None
+    assert meta["versions"]["torch"] and "flash-attn" in meta["versions"] and "--smoke" in meta["command"]
+    result = data["results"]["samba-421m"]
+    assert set(result["twin"]["pattern"]) <= {"*", "-"} and "M" in result["hybrid"]["pattern"]
+    for name in ("hybrid", "twin"):
+        entry = result[name]
+        assert entry["tokens_per_s"] > 0 and entry["step_s"] > 0 and entry["train_flops_per_token"] > 0
+        assert entry["mfu"] is None and entry["peak_memory_bytes"] is None      # CPU: no peak FLOPs, no CUDA memory
+        assert len(entry["runs"]) == 1
+    assert result["ratio_tokens_per_s"] == result["hybrid"]["tokens_per_s"] / result["twin"]["tokens_per_s"]
+    assert "ratio_mfu" in result and result["ratio_mfu"] is None
+
+
+def test_long_context_smoke_reports_prefill_and_decode(tmp_path):
+    data = _run(tmp_path, "--long-context")
+    assert data["meta"]["mode"] == "long_context" and data["meta"]["prefill_lengths"] == [64, 128]
+    result = data["results"]["samba-421m"]
+    for name in ("hybrid", "twin"):
+        assert set(result[name]["prefill"]) == {"64", "128"}
+        assert all(p["tokens_per_s"] > 0 for p in result[name]["prefill"].values())
+        assert result[name]["decode"]["tokens_per_s"] > 0 and result[name]["decode"]["context"] == 64
+    assert set(result["ratio_prefill_tokens_per_s"]) == {"64", "128"} and result["ratio_decode_tokens_per_s"] > 0
