@@ -268,6 +268,10 @@ def run(config_path: str, overrides: list[str]) -> int:
     from launch.config_io import load_config
     cfg = train_config(load_config(config_path, overrides))
     result = train(cfg)
+    if result["exit_code"] == 0:
+        # A preemption notice that comes after the last step has nothing to save: ignore it, so the
+        # exiting process is not killed by it (and the launcher does not requeue a finished run).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if dist.get_rank() == 0 and result["exit_code"] == 0:
         from launch.cli import next_steps
         print(f"done: step {result['step']}, checkpoint {result['checkpoint']}", flush=True)
