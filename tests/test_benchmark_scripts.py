@@ -1,4 +1,4 @@
-"""benchmarks/train_throughput.py end to end at smoke size on CPU: the JSON it writes has every field."""
+"""benchmarks/train_throughput.py and kernel_parity.py end to end at smoke size on CPU."""
 import json
 import subprocess
 import sys
@@ -40,3 +40,18 @@ def test_long_context_smoke_reports_prefill_and_decode(tmp_path):
         assert all(p["tokens_per_s"] > 0 for p in result[name]["prefill"].values())
         assert result[name]["decode"]["tokens_per_s"] > 0 and result[name]["decode"]["context"] == 64
     assert set(result["ratio_prefill_tokens_per_s"]) == {"64", "128"} and result["ratio_decode_tokens_per_s"] > 0
+
+
+def test_kernel_parity_compares_two_training_runs(tmp_path, shards):
+    from test_train import write_config
+    config = write_config(tmp_path, shards)
+    out = tmp_path / "parity.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_parity.py"), "--config", config,
+                          "--steps", "3", "--fast", "auto", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    # on CPU `auto` is the reference path: the two curves are the same run twice
+    assert data["passed"] and data["max_relative_deviation"] == 0.0
+    assert len(data["losses"]["fast"]) == 3 and data["losses"]["fast"] == data["losses"]["reference"]
+    assert out.with_suffix(".png").stat().st_size > 0
