@@ -23,25 +23,23 @@ from torch import Tensor
 
 from model import HybridLM, ModelConfig
 from model.sharding import merge_tp_shards
-
-INFO = "braid.json"
-
+from pretrain.checkpoint import INFO, LATEST, checkpoint_dir, latest_tag
 
 def resolve_tag(path: str, step: int | None = None) -> str:
-    """The step_* folder for a run directory, its checkpoints/ folder or the folder itself."""
+    """The step_* folder for a run directory, or the folder itself when it is one."""
     if os.path.isfile(os.path.join(path, INFO)):
         return path
-    root = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else os.path.join(path, "checkpoints")
+    root = checkpoint_dir(path)
     if step is not None:
         tag = os.path.join(root, f"step_{step:08d}")
         if not os.path.isdir(tag):
             raise FileNotFoundError(f"{tag}: no checkpoint of step {step}")
         return tag
-    latest = os.path.join(root, "latest")
-    if not os.path.isfile(latest):
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {INFO}) nor a run directory (no {latest})")
-    with open(latest) as f:
-        return os.path.join(root, f.read().strip())
+    latest = latest_tag(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no {INFO}) nor a run directory with a saved "
+                                f"checkpoint (no {os.path.join(root, LATEST)})")
+    return os.path.join(root, latest)
 
 
 def _load(path: str) -> dict[str, Any]:

@@ -271,5 +271,4 @@ def pipeline_module(model: HybridLM, layout: Layout, loss) -> nn.Module:
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     pipe = HybridPipeline(layers=specs, topology=topology, loss_fn=loss)
     parts.clear()                      # the other stages' modules are freed with the full model
-    pipe.cfg = cfg
     return pipe

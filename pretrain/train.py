@@ -105,7 +105,7 @@ class MetricsLog:
         path = os.path.join(cfg.run_dir, "metrics.jsonl")
         if os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
+                kept = [line for line in f if _logged_step(line) <= resumed_step]
             with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
@@ -136,6 +136,14 @@ class MetricsLog:
                 self.writer.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line a kill left half-written (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _start_wandb(cfg: TrainConfig):

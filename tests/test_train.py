@@ -67,6 +67,8 @@ def test_resume_continues_the_unbroken_loss_curve(tmp_path, shards):
     broken = write_config(tmp_path / "b", shards)
     first = braid_train(broken, "train.stop_after=4")
     assert first.returncode == 0, first.stdout[-2000:]
+    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')                  # a line a kill left half-written
     second = braid_train(broken)                     # same run dir: resumes from step 4
     assert second.returncode == 0, second.stdout[-2000:]
     a, b = losses(str(tmp_path / "a" / "run")), losses(str(tmp_path / "b" / "run"))
