@@ -1,0 +1,134 @@
+"""What every suite shares: the model under evaluation, its tokenizer, and how results are written.
+
+    lm = load_eval_model("runs/tiny")        # a run directory, a step_* checkpoint or a converted HF folder
+    ...
+    write_results(out_dir, "passkey", scores, settings, lm)    # out_dir/results.json, atomically
+
+Every results.json has the same top level: suite, scores, settings, provenance (model path and
+kind, checkpoint step, tokenizer path and sha256, training length), created (UTC).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from model import HybridLM, ModelConfig
+
+RESULTS = "results.json"
+
+
+@dataclass
+class EvalModel:
+    model: HybridLM                     # eval mode, float32 on CPU unless moved
+    tokenizer: Tokenizer
+    eos_id: int | None                  # the document separator the model was trained with
+    train_length: int | None            # training sequence length (None: unknown)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_tokenizer_file(path: str) -> Tokenizer:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: tokenizer file missing")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:
+        raise ValueError(f"{path}: not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
+
+
+def run_tokenizer(run_dir: str) -> tuple[str, int | None, int | None]:
+    """(tokenizer.json path, eos id, training sequence length) of a training run, from its config.yaml
+    and the data folder it trained on (braid_data.json)."""
+    import yaml
+
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: missing; the run's config names its data and tokenizer")
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    data = config.get("data") or {}
+    streams = data.get("train") or []
+    first = streams[0] if streams else None
+    data_dir = first.get("path") if isinstance(first, dict) else first
+    if not data_dir:
+        raise ValueError(f"{config_path}: data.train names no data folder, so its tokenizer is unknown")
+    info_path = os.path.join(data_dir, "braid_data.json")
+    eos_id = None
+    candidates = [os.path.join(data_dir, "tokenizer.json")]
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        eos_id = info.get("eos_id")
+        if info.get("tokenizer", {}).get("path"):
+            candidates.insert(0, info["tokenizer"]["path"])
+    for path in candidates:
+        if os.path.isfile(path):
+            return path, eos_id, data.get("seq_len")
+    raise FileNotFoundError(f"{config_path}: no tokenizer found for data folder {data_dir} "
+                            f"(looked for {', '.join(candidates)})")
+
+
+def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> EvalModel:
+    """A run directory, a step_* checkpoint folder, or a converted Hugging Face folder -> EvalModel."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from conversion.hf import load_hf_folder
+        model, tokenizer_path, eos_id, train_length, provenance = load_hf_folder(path)
+    else:
+        from conversion.checkpoint import load_training_checkpoint, resolve_tag
+        tag = resolve_tag(path, step)
+        state, cfg, info = load_training_checkpoint(tag)
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag)))
+        tokenizer_path, eos_id, train_length = run_tokenizer(run_dir)
+        model = HybridLM(cfg)
+        model.load_state_dict(state)
+        provenance = {"model": os.path.abspath(path), "kind": "checkpoint", "checkpoint": os.path.abspath(tag),
+                      "step": info.get("step")}
+    model = model.to(device=device, dtype=dtype).eval()
+    provenance = {**provenance, "tokenizer": os.path.abspath(tokenizer_path),
+                  "tokenizer_sha256": file_sha256(tokenizer_path), "dtype": str(dtype).removeprefix("torch."),
+                  "pattern": model.cfg.pattern}
+    return EvalModel(model=model, tokenizer=load_tokenizer_file(tokenizer_path), eos_id=eos_id,
+                     train_length=train_length, provenance=provenance)
+
+
+def write_results(out_dir: str, suite: str, scores: dict[str, Any], settings: dict[str, Any],
+                  lm: EvalModel | None = None, extra: dict[str, Any] | None = None) -> str:
+    """Write out_dir/results.json (temporary file, then rename) and return its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    record = {"suite": suite, "scores": scores, "settings": settings,
+              "provenance": dict(lm.provenance) if lm is not None else {},
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **(extra or {})}
+    path = os.path.join(out_dir, RESULTS)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
