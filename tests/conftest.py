@@ -109,3 +109,31 @@ def tiny_overrides(shards):
                   "logging.tensorboard": "false", **(changes or {})}
         return [f"{key}={value}" for key, value in values.items()]
     return overrides
+
+
+# ---- a model under evaluation: a small byte-level BPE and a small hybrid with its vocabulary ----
+
+_EVAL_TEXT_WORDS = ("the quick brown fox jumps over a lazy dog while grass is green and sky is blue here "
+                    "there we go again pass key number name phone value variable word answer what is").split()
+
+
+@pytest.fixture(scope="session")
+def eval_tokenizer_path(tmp_path_factory) -> str:
+    """A 512-token byte-level BPE (ids 0/1: <|endoftext|>/<|pad|>) trained in a second on generated text."""
+    from data_pipeline.tokenizer import train_bpe
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(_EVAL_TEXT_WORDS, 40)) + f" {rng.integers(0, 10**6)}." for _ in range(2000)]
+    tok = train_bpe(texts, 512, ["<|endoftext|>", "<|pad|>"])
+    path = str(tmp_path_factory.mktemp("eval_tokenizer") / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+@pytest.fixture
+def eval_model(eval_tokenizer_path):
+    """An EvalModel: the tiny preset (every sublayer kind, window 8) with random weights and that tokenizer."""
+    from evals.common import EvalModel, load_tokenizer_file
+    from model import HybridLM
+    model = HybridLM(small_preset("tiny", vocab_size=512, max_seq_len=4096)).eval()
+    return EvalModel(model=model, tokenizer=load_tokenizer_file(eval_tokenizer_path), eos_id=0, train_length=64,
+                     provenance={"model": "random tiny (test)", "kind": "test", "tokenizer": eval_tokenizer_path})
