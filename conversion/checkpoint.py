@@ -10,7 +10,8 @@ Merge rules: data-parallel replicas are identical under ZeRO 1/2 (the module wei
 whole; rank 0's are read); pipeline layers are renamed back (`layer.` of pipeline layer i ->
 `layers.{i-1}.`); tensor-parallel shards are joined by model.sharding's rule per parameter
 (column: dim 0, row: dim 1, fused projections part by part, replicated: rank 0's copy).
-Files are read with torch.load(weights_only=True) and every shape is checked against the config.
+A weights-only checkpoint (`braid convert from-hf`) has one safetensors file per TP rank instead.
+Files are read with torch.load(weights_only=True) or safetensors, and every shape is checked against the config.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from model import HybridLM, ModelConfig
 from model.sharding import merge_tp_shards
-from pretrain.checkpoint import INFO, LATEST, checkpoint_dir, latest_tag
+from pretrain.checkpoint import INFO, LATEST, checkpoint_dir, latest_tag, load_weights_only
 
 def resolve_tag(path: str, step: int | None = None) -> str:
     """The step_* folder for a run directory, or the folder itself when it is one."""
@@ -81,15 +82,54 @@ def load_training_checkpoint(path: str, step: int | None = None) -> tuple[dict[s
         raise ValueError(f"{os.path.join(tag, INFO)}: no model config or layout (saved by an older Braid)")
     cfg = ModelConfig.from_dict(info["model"])
     tp, pp = info["layout"]["tp"], info["layout"]["pp"]
-    shards = [_tp_rank_state(tag, cfg, rank, pp) for rank in range(tp)]
+    if info.get("weights_only"):             # `braid convert from-hf` output: one file per TP rank
+        shards = [load_weights_only(tag, rank) for rank in range(tp)]
+    else:
+        shards = [_tp_rank_state(tag, cfg, rank, pp) for rank in range(tp)]
     state = merge_tp_shards(shards, cfg) if tp > 1 else shards[0]
+    check_state_dict(state, cfg, tag)
+    return state, cfg, info
+
+
+def check_state_dict(state: dict[str, Tensor], cfg: ModelConfig, where: str) -> None:
+    """Every tensor HybridLM(cfg) has, with its shape; errors name the tensor, expected and found shapes."""
     with torch.device("meta"):                                 # shapes only
         expected = HybridLM(cfg).state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{tag}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} for the model config")
+        raise ValueError(f"{where}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} for the model config")
     for name, tensor in expected.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{tag}: tensor {name} has shape {tuple(state[name].shape)}, "
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(state[name].shape)}, "
                              f"the model config expects {tuple(tensor.shape)}")
-    return state, cfg, info
+
+
+def run_tokenizer(run_dir: str) -> tuple[str | None, dict[str, Any]]:
+    """(tokenizer.json path or None, data facts: eos_id, pad_id, seq_len) of a training run, from its
+    config.yaml and the data folder it trained on (braid_data.json names the tokenizer)."""
+    import yaml
+
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        return None, {}
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    data = config.get("data") or {}
+    streams = data.get("train") or []
+    first = streams[0] if streams else None
+    data_dir = first.get("path") if isinstance(first, dict) else first
+    facts: dict[str, Any] = {"seq_len": data.get("seq_len")}
+    if not data_dir:
+        return None, facts
+    # a split folder (data/tiny/train) sits inside the prepared folder that has braid_data.json
+    folder = next((d for d in (data_dir, os.path.dirname(data_dir.rstrip("/")))
+                   if os.path.isfile(os.path.join(d, "braid_data.json"))), data_dir)
+    candidates = [os.path.join(folder, "tokenizer.json")]
+    info_path = os.path.join(folder, "braid_data.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        facts.update(eos_id=info.get("eos_id"), pad_id=info.get("pad_id"))
+        if info.get("tokenizer", {}).get("path"):
+            candidates.insert(0, info["tokenizer"]["path"])
+    return next((p for p in candidates if os.path.isfile(p)), None), facts

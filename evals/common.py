@@ -63,50 +63,25 @@ def load_tokenizer_file(path: str) -> Tokenizer:
         raise ValueError(f"{path}: not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
 
 
-def run_tokenizer(run_dir: str) -> tuple[str, int | None, int | None]:
-    """(tokenizer.json path, eos id, training sequence length) of a training run, from its config.yaml
-    and the data folder it trained on (braid_data.json)."""
-    import yaml
-
-    config_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: missing; the run's config names its data and tokenizer")
-    with open(config_path) as f:
-        config = yaml.safe_load(f) or {}
-    data = config.get("data") or {}
-    streams = data.get("train") or []
-    first = streams[0] if streams else None
-    data_dir = first.get("path") if isinstance(first, dict) else first
-    if not data_dir:
-        raise ValueError(f"{config_path}: data.train names no data folder, so its tokenizer is unknown")
-    info_path = os.path.join(data_dir, "braid_data.json")
-    eos_id = None
-    candidates = [os.path.join(data_dir, "tokenizer.json")]
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        eos_id = info.get("eos_id")
-        if info.get("tokenizer", {}).get("path"):
-            candidates.insert(0, info["tokenizer"]["path"])
-    for path in candidates:
-        if os.path.isfile(path):
-            return path, eos_id, data.get("seq_len")
-    raise FileNotFoundError(f"{config_path}: no tokenizer found for data folder {data_dir} "
-                            f"(looked for {', '.join(candidates)})")
-
-
 def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> EvalModel:
     """A run directory, a step_* checkpoint folder, or a converted Hugging Face folder -> EvalModel."""
     if os.path.isfile(os.path.join(path, "config.json")):
         from conversion.hf import load_hf_folder
-        model, tokenizer_path, eos_id, train_length, provenance = load_hf_folder(path)
+        model, facts = load_hf_folder(path)
+        tokenizer_path, eos_id, train_length = facts["tokenizer"], facts["eos_id"], facts["train_length"]
+        provenance = facts["provenance"]
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"{path}: no tokenizer.json (convert with --tokenizer to ship one)")
     else:
-        from conversion.checkpoint import load_training_checkpoint, resolve_tag
+        from conversion.checkpoint import load_training_checkpoint, resolve_tag, run_tokenizer
         tag = resolve_tag(path, step)
         state, cfg, info = load_training_checkpoint(tag)
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag)))
-        tokenizer_path, eos_id, train_length = run_tokenizer(run_dir)
+        tokenizer_path, data = run_tokenizer(run_dir)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"{run_dir}: no tokenizer found through its config.yaml's data folder")
+        eos_id, train_length = data.get("eos_id"), data.get("seq_len")
         model = HybridLM(cfg)
         model.load_state_dict(state)
         provenance = {"model": os.path.abspath(path), "kind": "checkpoint", "checkpoint": os.path.abspath(tag),

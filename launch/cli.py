@@ -6,6 +6,8 @@
     braid launch local CONFIG.yaml --nproc N [k=v ...]
     braid launch slurm CONFIG.yaml --nodes N --gpus-per-node G [--cpu] [--partition P] [--time T]
                        [--account A] [--dry-run] [k=v ...]
+    braid convert to-hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--step N] [--dtype auto|bf16|fp32] [--format braid|mamba]
+    braid convert from-hf HF_DIR OUT_DIR [--tp N] [--pp M]
 """
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ def _launch(args: argparse.Namespace) -> int:
     from launch.slurm import launch_slurm
     return launch_slurm(args.config, args.nodes, args.gpus_per_node, args.overrides, cpu=args.cpu,
                         partition=args.partition, time=args.time, account=args.account, dry_run=args.dry_run)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from conversion.cli import run
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,13 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     slurm.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     launch.set_defaults(handler=_launch)
+
+    convert = commands.add_parser("convert", help="training checkpoints <-> Hugging Face folders")
+    directions = convert.add_subparsers(dest="direction", required=True)
+    to_hf = directions.add_parser("to-hf", help="a checkpoint (any TP/PP/ZeRO-1/2 layout) -> a Hugging Face folder")
+    to_hf.add_argument("source", help="run directory (its latest checkpoint) or a step_* checkpoint folder")
+    to_hf.add_argument("out_dir", help="folder to create (written to a temporary folder, then moved into place)")
+    to_hf.add_argument("--step", type=int, help="the run's checkpoint of this step instead of the latest")
+    to_hf.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                       help="weight dtype (auto: as saved)")
+    to_hf.add_argument("--format", dest="fmt", default="braid", choices=["braid", "mamba"],
+                       help="braid: remote code for any pattern; mamba: transformers' MambaForCausalLM (M only)")
+    to_hf.add_argument("--tokenizer", help="tokenizer.json to ship (default: the one the run's data was made with)")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    from_hf = directions.add_parser("from-hf", help="a Braid or Mamba Hugging Face folder -> a run directory to "
+                                                    "continue training from, split for --tp/--pp")
+    from_hf.add_argument("hf_dir", help="folder written by `braid convert to-hf` (or a native Mamba folder)")
+    from_hf.add_argument("out_dir", help="run directory to create; train with run_dir=OUT_DIR")
+    from_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the training run")
+    from_hf.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the training run")
+    from_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    convert.set_defaults(handler=_convert)
     parser.subcommands = commands.choices
     return parser
 
 
 # What to do with a finished run, shown by `braid train` for the subcommands this install has.
 NEXT_STEPS = {
-    "convert": "braid convert to-hf {run_dir} {run_dir}/hf",
+    "convert": "braid convert to-hf {run_dir} {run_dir}/hf --overwrite",
     "eval": "braid eval ppl {run_dir}",
 }
 
@@ -90,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += rest
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError) as err:   # config and input errors: one line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as err:   # config and input errors: one line, no traceback
         print(f"braid: error: {err}", file=sys.stderr)
         return 2
 

@@ -83,6 +83,18 @@ class HybridCache:
     layers: list[RecurrentState | KVCache | None]
     offset: Tensor | None = None        # (B,) tokens of the current document already seen
 
+    def select_rows(self, index: Tensor) -> "HybridCache":
+        """A cache whose row i is row index[i] of this one (beam search reorders rows every step)."""
+        layers = []
+        for entry in self.layers:
+            if entry is not None:
+                entry = dataclasses.replace(entry, **{
+                    f.name: getattr(entry, f.name).index_select(0, index.to(getattr(entry, f.name).device))
+                    for f in dataclasses.fields(entry) if isinstance(getattr(entry, f.name), Tensor)})
+            layers.append(entry)
+        offset = self.offset.index_select(0, index.to(self.offset.device)) if self.offset is not None else None
+        return HybridCache(layers=layers, offset=offset)
+
     def nbytes(self) -> int:
         total = 0
         for entry in self.layers:

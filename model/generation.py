@@ -58,7 +58,8 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]] | Tensor, max_new
         doc_ids[i, width - len(row):] = 1
     padded = any(len(r) < width for r in rows)
     cache = model.new_cache()
-    logits = model(ids.to(device), doc_ids=doc_ids.to(device) if padded else None, cache=cache)[:, -1]
+    logits = model(ids.to(device), doc_ids=doc_ids.to(device) if padded else None, cache=cache,
+                   logits_to_keep=1)[:, -1]
 
     stops = set(int(t) for t in stop_tokens)
     outputs: list[list[int]] = [[] for _ in rows]

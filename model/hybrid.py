@@ -69,8 +69,12 @@ class HybridLM(nn.Module):
     def new_cache(self) -> HybridCache:
         return HybridCache(layers=[layer.mixer.empty_cache() for layer in self.layers])
 
-    def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: HybridCache | None = None) -> Tensor:
-        """input_ids (B, L) -> logits (B, L, vocab) in float32 (tensor parallel: this rank's vocabulary slice)."""
+    def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: HybridCache | None = None,
+                logits_to_keep: int = 0) -> Tensor:
+        """input_ids (B, L) -> logits (B, L, vocab) in float32 (tensor parallel: this rank's vocabulary slice).
+
+        logits_to_keep > 0: only the last that many positions get logits (a prefill needs one).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (batch, length), got {tuple(input_ids.shape)}")
         if cache is not None and len(cache.layers) != len(self.layers):
@@ -85,6 +89,8 @@ class HybridLM(nn.Module):
                 x = layer(x, seq, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.offset = seq.positions[:, -1] + 1
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x)).float()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

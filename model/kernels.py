@@ -39,6 +39,16 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def kernel(module: str, name: str):
+    """`name` from an optional kernel library, imported on first use.
+
+    Through importlib rather than an import statement: Hugging Face's remote-code loader
+    requires every library named in an import statement, and the exported model must load
+    without the CUDA kernels installed.
+    """
+    return getattr(importlib.import_module(module), name)
+
+
 def use_kernel(mode: str, libraries: tuple[str, ...], device: torch.device) -> bool:
     """True when the fast path of `libraries` should run for tensors on `device`."""
     if mode == "reference":

@@ -4,6 +4,10 @@
                                          one set per rank) and braid.json: step, rank layout, model config
     RUN_DIR/checkpoints/latest           the newest *complete* tag, replaced atomically after a save
 
+A run can also start from weights alone (`braid convert from-hf`): step_00000000 then holds
+one safetensors file per tensor-parallel rank and braid.json says `"weights_only": true`;
+training loads them into the model before DeepSpeed wraps it, with a fresh optimizer at step 0.
+
 `latest` moves only when every rank has finished writing, so a kill during a save leaves the
 previous checkpoint as the one a restart resumes from. The last `keep` tags are kept.
 """
@@ -21,6 +25,8 @@ import torch.distributed as dist
 
 LATEST = "latest"
 INFO = "braid.json"          # beside DeepSpeed's files: what a reader needs before loading them
+WEIGHTS_FILE = "weights-tp{tp_rank:02d}.safetensors"     # a weights-only checkpoint, per TP rank
+TIED_HEAD = "lm_head.weight"       # the embedding itself when tied: stored once
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -61,16 +67,90 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: in
         with open(os.path.join(root, tag, INFO), "w") as f:
             json.dump({"step": step, "layout": client_state.get("layout"),
                        "model": client_state.get("config", {}).get("model")}, f)
-        pointer = os.path.join(root, LATEST)
-        with open(pointer + ".tmp", "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer + ".tmp", pointer)
+        _point_latest(root, tag)
         tags = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.isdir(os.path.join(root, t)))
         for old in tags[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return tag
+
+
+def _point_latest(root: str, tag: str) -> None:
+    pointer = os.path.join(root, LATEST)
+    with open(pointer + ".tmp", "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer + ".tmp", pointer)
+
+
+def _read_info(tag_dir: str) -> dict[str, Any]:
+    path = os.path.join(tag_dir, INFO)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {tag_dir} cannot be loaded ({INFO} is missing)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _show(layout: dict[str, int], keys: tuple[str, ...] = ("tp", "pp", "dp")) -> str:
+    return " ".join(f"{k}={layout[k]}" for k in keys)
+
+
+def save_weights_only(run_dir: str, tp_shards: list[dict[str, torch.Tensor]], model: dict[str, Any],
+                      layout: dict[str, int], source: str) -> str:
+    """Write step_00000000 of a new run from weights alone: TP rank r's tensors (HybridLM's names)
+    in weights-tp{r}.safetensors, then `latest`. Returns the tag folder."""
+    from safetensors.torch import save_file
+    root = checkpoint_dir(run_dir)
+    tag_dir = os.path.join(root, "step_00000000")
+    os.makedirs(tag_dir, exist_ok=True)
+    tied = model.get("tie_embeddings", True)
+    for tp_rank, shard in enumerate(tp_shards):
+        save_file({k: v.contiguous() for k, v in shard.items() if not (tied and k == TIED_HEAD)},
+                  os.path.join(tag_dir, WEIGHTS_FILE.format(tp_rank=tp_rank)), metadata={"format": "pt"})
+    with open(os.path.join(tag_dir, INFO), "w") as f:
+        json.dump({"step": 0, "layout": layout, "model": model, "weights_only": True, "source": source}, f, indent=1)
+    _point_latest(root, "step_00000000")
+    return tag_dir
+
+
+def load_weights_only(tag_dir: str, tp_rank: int) -> dict[str, torch.Tensor]:
+    """TP rank `tp_rank`'s tensors of a weights-only checkpoint."""
+    from safetensors.torch import load_file
+    path = os.path.join(tag_dir, WEIGHTS_FILE.format(tp_rank=tp_rank))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (the checkpoint is partial)")
+    try:
+        state = load_file(path)
+    except Exception as err:
+        raise ValueError(f"{path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if _read_info(tag_dir)["model"].get("tie_embeddings", True) and "embed.weight" in state:
+        state[TIED_HEAD] = state["embed.weight"]
+    return state
+
+
+def initial_weights(run_dir: str, layout: dict[str, int], tp_rank: int, model: dict[str, Any]) -> dict | None:
+    """This rank's starting weights when `latest` is a weights-only checkpoint, else None.
+
+    Its tensor-parallel size must be this run's; pipeline and data-parallel sizes are free, since
+    every rank builds its TP rank's whole model before the pipeline keeps its stage."""
+    tag = latest_tag(run_dir)
+    tag_dir = os.path.join(checkpoint_dir(run_dir), tag) if tag else None
+    if tag_dir is None or not os.path.isdir(tag_dir):
+        return None
+    info = _read_info(tag_dir)
+    if not info.get("weights_only"):
+        return None
+    if info["layout"]["tp"] != layout["tp"]:
+        raise ValueError(f"checkpoint {tag_dir} holds weights split for tp={info['layout']['tp']}, this run has "
+                         f"tp={layout['tp']}: convert again with `braid convert from-hf ... --tp {layout['tp']}`")
+    ignored = ("kernels", "max_seq_len")          # how to run and how long it trained: not the weights
+    saved = {k: v for k, v in info["model"].items() if k not in ignored}
+    ours = {k: v for k, v in model.items() if k not in ignored}
+    for key in sorted(set(saved) | set(ours)):
+        if saved.get(key) != ours.get(key):
+            raise ValueError(f"checkpoint {tag_dir} was converted for model.{key}={saved.get(key)!r}, this run's "
+                             f"config has model.{key}={ours.get(key)!r}")
+    return load_weights_only(tag_dir, tp_rank)
 
 
 def load_latest(engine, run_dir: str, layout: dict[str, int]) -> dict[str, Any] | None:
@@ -83,16 +163,13 @@ def load_latest(engine, run_dir: str, layout: dict[str, int]) -> dict[str, Any] 
     if not os.path.isdir(os.path.join(root, tag)):
         raise FileNotFoundError(f"{os.path.join(root, LATEST)} names {tag}, which is missing; "
                                 "point it at a complete step_* folder or remove it to start fresh")
-    info_path = os.path.join(root, tag, INFO)
-    if not os.path.isfile(info_path):
-        raise ValueError(f"checkpoint {os.path.join(root, tag)} cannot be loaded ({INFO} is missing)")
-    with open(info_path) as f:
-        saved = json.load(f).get("layout")
+    info = _read_info(os.path.join(root, tag))
+    if info.get("weights_only"):
+        return None                      # loaded into the model before DeepSpeed wrapped it (initial_weights)
+    saved = info.get("layout")
     if saved is not None and saved != layout:
-        def show(d: dict[str, int]) -> str:
-            return " ".join(f"{k}={d[k]}" for k in ("tp", "pp", "dp"))
-        raise ValueError(f"checkpoint {os.path.join(root, tag)} was saved with {show(saved)}, this run has "
-                         f"{show(layout)}: resume with the same parallel.tp/pp and number of ranks")
+        raise ValueError(f"checkpoint {os.path.join(root, tag)} was saved with {_show(saved)}, this run has "
+                         f"{_show(layout)}: resume with the same parallel.tp/pp and number of ranks")
     try:
         path, client = engine.load_checkpoint(root, tag=tag)
     except Exception as err:                   # a truncated or foreign file: say which checkpoint

@@ -50,6 +50,15 @@ class Layout:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
 
 
+def check_pipeline_stages(model: ModelConfig, pp: int) -> None:
+    """The model splits into `pp` pipeline stages: '|' marks (if any) make exactly pp, one sublayer at least each."""
+    stages = pattern_stages(model.pattern)
+    if pp > 1 and len(stages) > 1 and len(stages) != pp:
+        raise ConfigError(f"model.pattern={model.pattern!r} marks {len(stages)} stages with '|', but parallel.pp={pp}")
+    if model.n_sublayers < pp:
+        raise ConfigError(f"parallel.pp={pp}: more stages than the model's {model.n_sublayers} sublayers")
+
+
 def plan_layout(cfg: TrainConfig, world: int) -> Layout:
     """The layout of `world` ranks for cfg.parallel, or a ConfigError naming the numbers."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -57,12 +66,7 @@ def plan_layout(cfg: TrainConfig, world: int) -> Layout:
         from model.sharding import check_tensor_parallel
         check_tensor_parallel(cfg.model, tp)
     if pp > 1:
-        stages = pattern_stages(cfg.model.pattern)
-        if len(stages) > 1 and len(stages) != pp:
-            raise ConfigError(f"model.pattern={cfg.model.pattern!r} marks {len(stages)} stages with '|', "
-                              f"but parallel.pp={pp}")
-        if cfg.model.n_sublayers < pp:
-            raise ConfigError(f"parallel.pp={pp}: more stages than the model's {cfg.model.n_sublayers} sublayers")
+        check_pipeline_stages(cfg.model, pp)
         if cfg.parallel.zero_stage != 1:
             raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} with parallel.pp={pp}: "
                               "DeepSpeed's pipeline engine takes ZeRO stage 1 only")
@@ -82,7 +86,10 @@ def tensor_parallel_loss(logits: Tensor, labels: Tensor, reduction: str = "mean"
 
 
 class ParallelEngine:
-    def __init__(self, cfg: TrainConfig, layout: Layout, rank: int, ds_config: dict[str, Any]):
+    def __init__(self, cfg: TrainConfig, layout: Layout, rank: int, ds_config: dict[str, Any],
+                 initial_state: dict[str, Tensor] | None = None):
+        """initial_state: this TP rank's starting weights (HybridLM names), loaded before DeepSpeed
+        copies them into its optimizer; None: the seed's initialisation."""
         import deepspeed
 
         from .optim import param_groups
@@ -101,6 +108,8 @@ class ParallelEngine:
             mpu = DeepSpeedMPU if layout.pp == 1 else None     # the pipeline engine has its own grid
         else:
             model = HybridLM(cfg.model)
+        if initial_state is not None:
+            model.load_state_dict(initial_state)
         model.checkpointed_kinds = cfg.train.checkpointed_kinds(cfg.model.pattern)
         self.pipelined = layout.pp > 1
         if self.pipelined:

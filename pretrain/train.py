@@ -189,7 +189,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    engine = ParallelEngine(cfg, layout, rank, deepspeed_config(cfg))
+    initial = checkpoint.initial_weights(cfg.run_dir, layout.to_dict(), layout.coords(rank)["tp"],
+                                         cfg.model.to_dict())
+    engine = ParallelEngine(cfg, layout, rank, deepspeed_config(cfg), initial_state=initial)
     loader = build_train_loader(
         LoaderConfig(streams=[StreamSource(path=s.path, proportion=s.proportion) for s in cfg.data.train],
                      seq_len=cfg.data.seq_len, batch_size=cfg.data.micro_batch, seed=cfg.seed),

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..cache import RecurrentState
 from ..config import ModelConfig
-from ..kernels import use_kernel
+from ..kernels import kernel, use_kernel
 from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
 from ..sequence import SequenceInfo
 from .common import LinearSpec, RMSNorm, rms_norm
@@ -53,7 +53,7 @@ class GatedLinearAttention(nn.Module):
         log_decay = heads(F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.normalizer, self.head_k)
         continuing = cache is not None and not cache.empty
         if not continuing and not seq.packed and use_kernel(self.kernels, ("fla",), x.device):
-            from fla.ops.gla import chunk_gla
+            chunk_gla = kernel("fla.ops.gla", "chunk_gla")
             o, state = chunk_gla(q, k, v, log_decay, scale=1.0, output_final_state=cache is not None)
         elif continuing and length == 1:
             o, state = linear_attention_step(q[:, 0].float(), k[:, 0].float(), v[:, 0].float(), log_decay[:, 0], cache.state)

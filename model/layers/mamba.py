@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..cache import RecurrentState
 from ..config import ModelConfig
-from ..kernels import use_kernel
+from ..kernels import kernel, use_kernel
 from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_tail
 from ..ops.selective_scan import selective_scan
 from ..sequence import SequenceInfo
@@ -89,8 +89,8 @@ class Mamba(nn.Module):
         return self.out_proj((y * F.silu(z.float())).to(z.dtype))
 
     def _forward_cuda(self, x: Tensor, cache: RecurrentState | None) -> Tensor:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        causal_conv1d_fn = kernel("causal_conv1d", "causal_conv1d_fn")
+        selective_scan_fn = kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
 
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x_t = x.transpose(1, 2)                                               # (B, D, L), channel-last memory

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..cache import RecurrentState
 from ..config import ModelConfig
-from ..kernels import use_kernel
+from ..kernels import kernel, use_kernel
 from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_tail
 from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
 from ..sequence import SequenceInfo
@@ -97,8 +97,8 @@ class Mamba2(nn.Module):
         return self.out_proj(self.norm((y * F.silu(z.float())).to(z.dtype)))
 
     def _forward_cuda(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None) -> Tensor:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        causal_conv1d_fn = kernel("causal_conv1d", "causal_conv1d_fn")
+        mamba_chunk_scan_combined = kernel("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 
         batch, length, _ = x.shape
         z, xbc, dt = self._split(self.in_proj(x))

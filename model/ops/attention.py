@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import kernel
+
 # `enable_gqa` appeared in torch 2.5; this file also runs as Hugging Face remote code on
 # whatever torch the user has, so fall back to expanding k/v on older versions.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -107,7 +109,8 @@ def flash_attention(
     q_segments == k_segments, each document a contiguous run of equal ids.
     """
     # Lazy: the CPU paths and remote-code loading must work without flash-attn installed.
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    flash_attn_func = kernel("flash_attn", "flash_attn_func")
+    flash_attn_varlen_func = kernel("flash_attn", "flash_attn_varlen_func")
 
     _check_inputs(q, k, v, window, q_segments, k_segments)
     B, Hq, Lq, D = q.shape

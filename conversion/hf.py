@@ -1,0 +1,468 @@
+"""Training checkpoints <-> Hugging Face folders.
+
+    to_hf("runs/tiny", "runs/tiny/hf")              # config.json, safetensors, remote code, tokenizer, card
+    to_hf("runs/mamba", "out", fmt="mamba")          # native MambaForCausalLM layout, no remote code
+    from_hf("runs/tiny/hf", "runs/continued", tp=2, pp=2)   # a run directory `braid train` starts from
+
+A `braid` folder ships the model's own source as remote code: the torch-only files of
+`model/` flattened to `braid_*.py` (transformers loads remote code from one folder, without
+subpackages) beside `configuration_braid.py` and `modeling_braid.py` (conversion/remote/). Its
+tensors keep HybridLM's names under `model.`; a tied head is stored once, as the embedding.
+
+Every output is written to a temporary folder beside OUT_DIR and renamed into place at the end,
+so a failed conversion leaves nothing half-written. Inputs are read with safetensors or
+torch.load(weights_only=True), and every tensor's shape is checked against the model config.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from model import HybridLM, ModelConfig
+
+MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
+REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
+# model/ files that import only torch: the rest (sharding, parallel) need megatron or are package glue
+REMOTE_SOURCES = ["config.py", "cache.py", "sequence.py", "kernels.py", "hybrid.py", "layers/__init__.py",
+                  *(f"layers/{n}" for n in ("common.py", "attention.py", "gla.py", "mamba.py", "mamba2.py",
+                                           "mlp.py", "rglru.py")),
+                  *(f"ops/{n}" for n in ("attention.py", "conv.py", "linear_attention.py", "scan.py",
+                                        "selective_scan.py"))]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PREFIX = "model."                    # BraidForCausalLM.model is the HybridLM
+
+
+# ---- remote code: model/ flattened into one folder ---------------------------------------------
+
+def _flat_name(module: str) -> str:
+    """model.layers.attention -> braid_layers_attention; model.layers -> braid_layers."""
+    return "braid_" + module.removeprefix("model.").replace(".", "_")
+
+
+def remote_code() -> dict[str, str]:
+    """File name -> source of every file an exported folder needs besides its weights."""
+    files: dict[str, str] = {}
+    known = {"model." + p.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for p in REMOTE_SOURCES}
+    for rel in REMOTE_SOURCES:
+        package = "model." + os.path.dirname(rel).replace("/", ".") if "/" in rel else "model"
+        if rel.endswith("__init__.py"):
+            module = package
+        else:
+            module = package + "." + os.path.basename(rel).removesuffix(".py")
+
+        def rewrite(match: re.Match) -> str:
+            indent, dots, name = match.group(1), match.group(2), match.group(3)
+            base = package.split(".")
+            base = base[:len(base) - (len(dots) - 1)]
+            target = ".".join(base + ([name] if name else []))
+            if target not in known:
+                raise ValueError(f"model/{rel} imports {target}, which the remote code does not ship "
+                                 "(add it to conversion.hf.REMOTE_SOURCES)")
+            return f"{indent}from .{_flat_name(target)} import"
+
+        with open(os.path.join(MODEL_DIR, rel)) as f:
+            source = f.read()
+        source = re.sub(r"^(\s*)from (\.+)([\w.]*) import", rewrite, source, flags=re.MULTILINE)
+        header = f"# Braid remote code: a copy of model/{rel} with its imports flattened (conversion/hf.py).\n"
+        files[_flat_name(module) + ".py"] = header + source
+    for name in ("configuration_braid.py", "modeling_braid.py"):
+        with open(os.path.join(REMOTE_DIR, name)) as f:
+            files[name] = f.read()
+    # transformers copies into its module cache only the files the model file imports itself
+    # (not their imports in turn), so the model file names every flattened module
+    files["modeling_braid.py"] += (
+        "\n\n# Every flattened module, named so that transformers copies it (added by conversion/hf.py).\n"
+        + "".join(f"from .{name.removesuffix('.py')} import __name__ as _{name.removesuffix('.py')}  # noqa: F401\n"
+                  for name in sorted(files) if name.startswith("braid_")))
+    return files
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+def check_output(out_dir: str, overwrite: bool) -> str:
+    """The absolute OUT_DIR, refused early (before any work) when it holds something and overwrite is off."""
+    out_dir = os.path.abspath(out_dir.rstrip("/"))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty; remove it, pick another folder, "
+                              "or pass --overwrite")
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """A temporary folder beside `out_dir`, renamed to it when the block succeeds and removed when it fails."""
+    out_dir = check_output(out_dir, overwrite)
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '200MB', '10KB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--max-shard-size={text!r}: expected a size such as 5GB, 500MB or a byte count")
+    unit = (match.group(2) or "B").upper().replace("I", "")
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+
+
+def write_safetensors(tensors: dict[str, Tensor], folder: str, max_shard_bytes: int,
+                      progress: bool = True) -> tuple[list[str], int]:
+    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json above
+    `max_shard_bytes`. Returns (file names, total bytes)."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    names = [SAFE_WEIGHTS] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with tqdm(total=total, unit="B", unit_scale=True, desc="write safetensors", disable=not progress) as bar:
+        for file_name, shard in zip(names, shards):
+            save_file(shard, os.path.join(folder, file_name), metadata={"format": "pt"})
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: file_name for file_name, shard in zip(names, shards) for name in shard}}
+        with open(os.path.join(folder, SAFE_INDEX), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    return names, total
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _run_facts(tag: str, info: dict[str, Any]) -> dict[str, Any]:
+    """What the run directory around a checkpoint says: its config, tokens seen, tokenizer, evals."""
+    from conversion.checkpoint import run_tokenizer
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag)))
+    facts: dict[str, Any] = {"run_dir": run_dir, "step": info.get("step")}
+    config_path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            facts["train_config"] = yaml.safe_load(f) or {}
+        data = facts["train_config"].get("data", {})
+        train = facts["train_config"].get("train", {})
+        dp = (info.get("layout") or {}).get("dp", 1)
+        if info.get("step") is not None and data.get("micro_batch") and data.get("seq_len"):
+            facts["tokens_seen"] = (info["step"] * data["micro_batch"] * data["seq_len"]
+                                    * train.get("grad_accum", 1) * dp)
+    facts["tokenizer"], data_facts = run_tokenizer(run_dir)
+    facts.update(data_facts)
+    evals = {}
+    evals_dir = os.path.join(run_dir, "evals")
+    if os.path.isdir(evals_dir):
+        for suite in sorted(os.listdir(evals_dir)):
+            path = os.path.join(evals_dir, suite, "results.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    evals[suite] = json.load(f).get("scores", {})
+    facts["evals"] = evals
+    return facts
+
+
+def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], model_max_length: int) -> dict:
+    """tokenizer.json plus the config files AutoTokenizer reads; returns the special token ids."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    eos_id, pad_id = facts.get("eos_id"), facts.get("pad_id")
+    specials = {}
+    if eos_id is not None:
+        specials["eos_token"] = tok.id_to_token(eos_id)
+        specials["bos_token"] = tok.id_to_token(eos_id)   # documents were separated by EOS only
+    if pad_id is not None:
+        specials["pad_token"] = tok.id_to_token(pad_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
+                                   model_input_names=["input_ids", "attention_mask"],
+                                   clean_up_tokenization_spaces=False, **specials)
+    fast.save_pretrained(folder)
+    return {"eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id}
+
+
+def _model_card(cfg: ModelConfig, facts: dict[str, Any], n_params: int, n_embedding: int, fmt: str,
+                dtype: torch.dtype) -> str:
+    kinds = {kind: cfg.layer_types.count(kind) for kind in dict.fromkeys(cfg.layer_types)}
+    lines = ["---", "library_name: transformers", "tags: [braid, hybrid, " + ", ".join(kinds) + "]", "---", "",
+             f"# Braid hybrid language model ({fmt} format)", "",
+             "Exported by `braid convert to-hf` from a Braid training checkpoint.", "", "## Architecture", "",
+             f"- pattern: `{cfg.pattern}` ({cfg.n_sublayers} pre-norm residual sublayers: "
+             + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")",
+             f"- d_model {cfg.d_model}, vocabulary {cfg.vocab_size}, MLP hidden {cfg.mlp_hidden}, "
+             f"tied embeddings: {cfg.tie_embeddings}",
+             f"- attention: {cfg.attn.n_heads} heads ({cfg.n_kv_heads} KV heads), sliding window {cfg.attn.window}",
+             f"- parameters: {n_params:,} ({n_params - n_embedding:,} without the embedding); weights in "
+             f"{_dtype_name(dtype)}", "", "## Training", ""]
+    if facts.get("step") is not None:
+        lines.append(f"- step {facts['step']}" + (f", {facts['tokens_seen']:,} tokens seen"
+                                                   if facts.get("tokens_seen") else ""))
+    if facts.get("seq_len"):
+        lines.append(f"- sequence length {facts['seq_len']}")
+    if facts.get("train_config"):
+        lines += ["", "Training config:", "", "```yaml",
+                  yaml.safe_dump(facts["train_config"], sort_keys=False).rstrip(), "```"]
+    if facts.get("evals"):
+        lines += ["", "## Evaluations", ""]
+        for suite, scores in facts["evals"].items():
+            flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+            lines.append(f"- {suite}: " + (", ".join(f"{k} {v:.4g}" for k, v in flat.items()) or "see results.json"))
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "tok = AutoTokenizer.from_pretrained(PATH)",
+              "model = AutoModelForCausalLM.from_pretrained(PATH"
+              + (", trust_remote_code=True)" if fmt == "braid" else ")"),
+              "out = model.generate(**tok('def main():', return_tensors='pt'), max_new_tokens=64)", "```", ""]
+    return "\n".join(lines)
+
+
+def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype, facts: dict[str, Any], token_ids: dict) -> dict:
+    """config.json: the whole Braid config under `braid`, plus the names Hugging Face tools read."""
+    common = {"torch_dtype": _dtype_name(dtype), "tie_word_embeddings": cfg.tie_embeddings,
+              "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "use_cache": True,
+              **{k: v for k, v in token_ids.items() if v is not None}}
+    import transformers
+    common["transformers_version"] = transformers.__version__
+    if fmt == "mamba":
+        m = cfg.mamba
+        return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **common,
+                "state_size": m.d_state, "num_hidden_layers": cfg.n_sublayers, "layer_norm_epsilon": cfg.norm_eps,
+                "expand": m.expand, "conv_kernel": m.d_conv, "use_bias": False, "use_conv_bias": m.conv_bias,
+                "time_step_rank": cfg.dt_rank, "time_step_min": m.dt_min, "time_step_max": m.dt_max,
+                "time_step_floor": m.dt_init_floor, "residual_in_fp32": False, "hidden_act": "silu"}
+    return {"architectures": ["BraidForCausalLM"], "model_type": "braid",
+            "auto_map": {"AutoConfig": "configuration_braid.BraidConfig",
+                         "AutoModelForCausalLM": "modeling_braid.BraidForCausalLM"},
+            **common, "num_hidden_layers": cfg.n_sublayers, "layer_types": cfg.layer_types, "pattern": cfg.pattern,
+            "intermediate_size": cfg.mlp_hidden, "rms_norm_eps": cfg.norm_eps,
+            "num_attention_heads": cfg.attn.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "sliding_window": cfg.attn.window if "swa" in cfg.layer_types else None,
+            "braid": cfg.replace(kernels="auto").to_dict(),
+            "training": {k: facts.get(k) for k in ("step", "tokens_seen", "seq_len") if facts.get(k) is not None}}
+
+
+# ---- name maps ---------------------------------------------------------------------------------
+
+def check_mamba_format(cfg: ModelConfig) -> None:
+    if set(cfg.pattern) != {"M"} or cfg.mamba.version != 1:
+        raise ValueError(f"--format mamba needs a pattern of Mamba-1 mixers only ('M' with model.mamba.version=1); "
+                         f"this model has pattern {cfg.pattern!r} and mamba.version={cfg.mamba.version}")
+
+
+def to_mamba_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HybridLM names -> transformers' MambaForCausalLM names (the mixers already share theirs)."""
+    out = {}
+    for name, tensor in state.items():
+        if name == "embed.weight":
+            name = "backbone.embeddings.weight"
+        elif name == "norm.weight":
+            name = "backbone.norm_f.weight"
+        elif name.startswith("layers."):
+            name = "backbone." + name
+        out[name] = tensor
+    return out
+
+
+def from_mamba_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        if name == "backbone.embeddings.weight":
+            name = "embed.weight"
+        elif name == "backbone.norm_f.weight":
+            name = "norm.weight"
+        elif name.startswith("backbone.layers."):
+            name = name.removeprefix("backbone.")
+        out[name] = tensor
+    return out
+
+
+def mamba_model_config(config: dict[str, Any], where: str) -> ModelConfig:
+    """A native MambaForCausalLM config.json as a Braid ModelConfig (pattern of M only)."""
+    try:
+        rank = config.get("time_step_rank", "auto")
+        return ModelConfig(
+            vocab_size=config["vocab_size"], d_model=config["hidden_size"], pattern="M" * config["num_hidden_layers"],
+            norm_eps=config.get("layer_norm_epsilon", 1e-5), tie_embeddings=config.get("tie_word_embeddings", True),
+            mamba={"version": 1, "d_state": config.get("state_size", 16), "d_conv": config.get("conv_kernel", 4),
+                   "expand": config.get("expand", 2), "conv_bias": config.get("use_conv_bias", True),
+                   "dt_rank": None if rank == "auto" else rank})
+    except KeyError as err:
+        raise ValueError(f"{where}: Mamba config has no {err.args[0]!r}") from None
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto", fmt: str = "braid",
+          tokenizer: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Export a run directory or step_* checkpoint (any TP/PP/ZeRO-1/2 layout) as a Hugging Face folder."""
+    from transformers import GenerationConfig
+
+    from conversion.checkpoint import load_training_checkpoint, resolve_tag
+    if fmt not in ("braid", "mamba"):
+        raise ValueError(f"--format={fmt!r}: expected braid or mamba")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"--dtype={dtype!r}: expected auto, bf16 or fp32")
+    max_shard_bytes = parse_size(max_shard_size)
+    check_output(out_dir, overwrite)
+    tag = resolve_tag(source, step)
+    state, cfg, info = load_training_checkpoint(tag)
+    if fmt == "mamba":
+        check_mamba_format(cfg)
+    facts = _run_facts(tag, info)
+    if tokenizer is not None:
+        if not os.path.isfile(tokenizer):
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file")
+        facts["tokenizer"] = tokenizer
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")                     # the embedding, stored once
+    target = DTYPES.get(dtype)
+    state = {k: (v.to(target) if target is not None and v.is_floating_point() else v) for k, v in state.items()}
+    out_dtype = target or next(v.dtype for v in state.values() if v.is_floating_point())
+    tensors = to_mamba_names(state) if fmt == "mamba" else {PREFIX + k: v for k, v in state.items()}
+    n_embedding = state["embed.weight"].numel()
+    n_params = sum(v.numel() for v in state.values())
+
+    with staged_output(out_dir, overwrite) as staging:
+        files, total = write_safetensors(tensors, staging, max_shard_bytes, progress)
+        token_ids = {}
+        if facts.get("tokenizer"):
+            token_ids = _tokenizer_files(facts["tokenizer"], staging, facts,
+                                         facts.get("seq_len") or cfg.max_seq_len)
+        _write_json(os.path.join(staging, "config.json"), hf_config(cfg, fmt, out_dtype, facts, token_ids))
+        GenerationConfig(**{k: v for k, v in token_ids.items() if v is not None}).save_pretrained(staging)
+        if fmt == "braid":
+            for name, text in remote_code().items():
+                with open(os.path.join(staging, name), "w") as f:
+                    f.write(text)
+        with open(os.path.join(staging, "README.md"), "w") as f:
+            f.write(_model_card(cfg, facts, n_params, n_embedding, fmt, out_dtype))
+        written = sorted(os.listdir(staging))
+    return {"out_dir": os.path.abspath(out_dir), "checkpoint": os.path.abspath(tag), "step": info.get("step"),
+            "format": fmt, "dtype": _dtype_name(out_dtype), "tensors": len(tensors), "parameters": n_params,
+            "bytes": total, "weight_files": files, "files": written,
+            "tokenizer": facts.get("tokenizer")}
+
+
+# ---- import ------------------------------------------------------------------------------------
+
+def read_hf_folder(path: str, progress: bool = False) -> tuple[dict[str, Tensor], ModelConfig, dict[str, Any]]:
+    """(state dict with HybridLM names, ModelConfig, config.json) of a Braid or native Mamba folder."""
+    from safetensors.torch import load_file
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path}: not a Hugging Face folder (no config.json)")
+    with open(config_path) as f:
+        config = json.load(f)
+    model_type = config.get("model_type")
+    if model_type == "braid":
+        if not isinstance(config.get("braid"), dict):
+            raise ValueError(f"{config_path}: no `braid` model config (not exported by Braid)")
+        cfg = ModelConfig.from_dict(config["braid"])
+    elif model_type == "mamba":
+        cfg = mamba_model_config(config, config_path)
+    else:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not braid or mamba")
+    index_path = os.path.join(path, SAFE_INDEX)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, SAFE_WEIGHTS)):
+        files = [SAFE_WEIGHTS]
+    else:
+        raise FileNotFoundError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} (only safetensors weights are read)")
+    tensors: dict[str, Tensor] = {}
+    for name in files:
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            raise FileNotFoundError(f"{file_path}: missing (named by {SAFE_INDEX})")
+        try:
+            tensors.update(load_file(file_path))
+        except Exception as err:
+            raise ValueError(f"{file_path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if model_type == "mamba":
+        state = from_mamba_names(tensors)
+    else:
+        state = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    if cfg.tie_embeddings and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    from conversion.checkpoint import check_state_dict
+    check_state_dict(state, cfg, path)
+    return state, cfg, config
+
+
+def load_hf_folder(path: str) -> tuple[HybridLM, dict[str, Any]]:
+    """A converted folder as Braid's own HybridLM (no remote code runs), plus what evals need to know:
+    tokenizer path, eos id, training length, provenance."""
+    state, cfg, config = read_hf_folder(path)
+    model = HybridLM(cfg)
+    model.load_state_dict(state)
+    tokenizer = os.path.join(path, "tokenizer.json")
+    training = config.get("training") or {}
+    return model, {"tokenizer": tokenizer if os.path.isfile(tokenizer) else None,
+                   "eos_id": config.get("eos_token_id"), "train_length": training.get("seq_len"),
+                   "provenance": {"model": os.path.abspath(path), "kind": f"hf-{config.get('model_type')}",
+                                  "step": training.get("step")}}
+
+
+def from_hf(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, overwrite: bool = False) -> dict[str, Any]:
+    """A Braid (or native Mamba) folder -> a run directory whose step_00000000 holds the weights split
+    for `tp` tensor-parallel ranks; `braid train` with run_dir=OUT_DIR and parallel.tp/pp continues from it."""
+    from model.sharding import check_tensor_parallel, shard_state_dict
+    from pretrain.checkpoint import save_weights_only
+    from pretrain.parallel import check_pipeline_stages
+
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp {tp} --pp {pp}: both must be at least 1")
+    check_output(out_dir, overwrite)
+    state, cfg, _ = read_hf_folder(hf_dir)
+    check_tensor_parallel(cfg, tp)
+    check_pipeline_stages(cfg, pp)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}   # training keeps fp32
+    with staged_output(out_dir, overwrite) as staging:
+        shards = [shard_state_dict(state, cfg, r, tp) if tp > 1 else state for r in range(tp)]
+        tag = save_weights_only(staging, shards, cfg.to_dict(), {"tp": tp, "pp": pp},
+                                source=os.path.abspath(hf_dir))
+        rel = os.path.relpath(tag, staging)
+    n_params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight" or not cfg.tie_embeddings)
+    return {"out_dir": os.path.abspath(out_dir), "checkpoint": os.path.join(os.path.abspath(out_dir), rel),
+            "tp": tp, "pp": pp, "pattern": cfg.pattern, "parameters": n_params}
