@@ -42,7 +42,8 @@ def build_samples(lm: EvalModel, lengths: list[int], task_names: list[str], samp
             for name in task_names for length in lengths for i in range(samples)]
 
 
-def run(lm: EvalModel, out_dir: str, lengths: list[int] = (1024, 2048, 4096), tasks: list[str] = tuple(ruler_tasks.TASKS),
+def run(lm: EvalModel, out_dir: str, lengths: list[int] = (1024, 2048, 4096),
+        tasks: list[str] = tuple(ruler_tasks.TASKS),
         samples: int = 5, seed: int = 0, batch_size: int = 8, max_new_tokens: int = 0,
         progress: bool = True) -> dict[str, Any]:
     """Run the suite, write out_dir/results.json and ruler.png, return the record."""

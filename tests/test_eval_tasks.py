@@ -199,3 +199,18 @@ def test_oracle_model_scores_100_percent(eval_model, tmp_path, monkeypatch, name
     monkeypatch.setattr(retrieval, "generate", lambda model, prompts, n, stop_tokens=(): [[newline]] * len(prompts))
     record = suite.run(lm, str(tmp_path), **options)
     assert record["scores"]["average" if name == "ruler" else "accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_cli_options_are_run_keywords(name):
+    """`braid eval SUITE` passes the parsed options to run(): every dest must be a keyword of run()."""
+    import argparse
+    import inspect
+
+    suite = SUITES[name]
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    options = vars(parser.parse_args([]))
+    keywords = set(inspect.signature(suite.run).parameters) - {"lm", "out_dir"}
+    assert set(options) == keywords and set(suite.SMOKE) <= keywords
+    assert options["seed"] == 0 and options["progress"] is True

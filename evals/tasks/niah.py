@@ -61,7 +61,8 @@ def build_prompt(filler: Filler, key: str, value: str, units: int, depth: float)
     return prompt, prompt.index(needle, start), (start, start + len(haystack))
 
 
-def make_sample(count_tokens: CountTokens, length: int, depth: float, seed: int, reserve: int = MAX_NEW_TOKENS) -> Sample:
+def make_sample(count_tokens: CountTokens, length: int, depth: float, seed: int,
+                reserve: int = MAX_NEW_TOKENS) -> Sample:
     """The longest needle-in-a-haystack prompt within `length - reserve` tokens, needle at `depth`."""
     depth = check_depth(depth)
     rng = random.Random(seed)

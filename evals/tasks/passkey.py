@@ -30,7 +30,8 @@ def build_prompt(key: str, units: int, depth: float) -> tuple[str, int, tuple[in
     return prompt, prompt.index(key_line(key), start), (start, end)
 
 
-def make_sample(count_tokens: CountTokens, length: int, depth: float, seed: int, reserve: int = MAX_NEW_TOKENS) -> Sample:
+def make_sample(count_tokens: CountTokens, length: int, depth: float, seed: int,
+                reserve: int = MAX_NEW_TOKENS) -> Sample:
     """The longest passkey prompt within `length - reserve` tokens, key line at `depth` of the filler."""
     depth = check_depth(depth)
     key = str(random.Random(seed).randint(10000, 99999))

@@ -11,7 +11,6 @@ wonderwords / Paul Graham essays, so everything is offline and seeded.
 """
 from __future__ import annotations
 
-import math
 import random
 import string
 import uuid
@@ -125,7 +124,8 @@ def _vt_instance(rng: random.Random, noise: int,
         names.setdefault("".join(rng.choices(string.ascii_uppercase, k=5)), None)
     variables = list(names)
     value = str(rng.randint(10000, 99999))
-    chain = [f"VAR {variables[0]} = {value}"] + [f"VAR {variables[j + 1]} = VAR {variables[j]} " for j in range(VT_HOPS)]
+    chain = [f"VAR {variables[0]} = {value}"]
+    chain += [f"VAR {variables[j + 1]} = VAR {variables[j]} " for j in range(VT_HOPS)]
     fractions = sorted(rng.random() for _ in chain) if fractions is None else fractions
     lines = [NOISE] * noise
     for j, (line, fraction) in enumerate(zip(chain, fractions)):
