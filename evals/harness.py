@@ -286,6 +286,17 @@ def _scores(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return scores
 
 
+def task_manager_for(include_path: list[str], names: list[str]) -> Any:
+    """A TaskManager over the given folders; lm-eval's built-in tasks are indexed (seconds) only when a
+    requested name is not found in them."""
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    if all(name in local.all_tasks for name in names):
+        return local
+    return TaskManager(include_path=include_path)
+
+
 def _evaluate(model: Any, tasks: str | list[str] | None, limit: float | int | None, batch_size: int,
               num_fewshot: int | None, include_path: list[str] | str | None,
               bootstrap_iters: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -295,12 +306,11 @@ def _evaluate(model: Any, tasks: str | list[str] | None, limit: float | int | No
     os.environ["HF_HUB_OFFLINE"] = "1"
     import lm_eval
     from lm_eval.evaluator import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     extra = [include_path] if isinstance(include_path, str) else list(include_path or [])
     paths = [TASKS_DIR] + [os.path.abspath(p) for p in extra]
     names = _task_list(tasks)
-    task_manager = TaskManager(include_path=paths)
+    task_manager = task_manager_for(paths, names)
     results = simple_evaluate(model=model, tasks=names, num_fewshot=num_fewshot, limit=_limit(limit),
                               batch_size=batch_size, task_manager=task_manager, bootstrap_iters=bootstrap_iters,
                               log_samples=False, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
