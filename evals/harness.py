@@ -1,7 +1,9 @@
 """lm-evaluation-harness suite: Braid models as an lm-eval model ("braid"), plus the local tasks.
 
     braid eval harness RUN_DIR --tasks braid_mc,braid_gen,braid_text --limit 50
-    lm_eval --model braid --model_args pretrained=RUN_DIR --include_path evals/harness_tasks --tasks braid_mc
+    run(load_eval_model(RUN_DIR), "out/harness", **SMOKE)          # out/harness/results.json
+    # importing this module registers the lm-eval model "braid": simple_evaluate(model="braid",
+    #   model_args="pretrained=RUN_DIR,max_length=2048", tasks=[...], task_manager=task_manager_for(...))
 
 The adapter scores exactly what the model computes, with lm-eval's own conventions (context /
 continuation splitting, left truncation to the maximum length, rolling windows, stop strings),
