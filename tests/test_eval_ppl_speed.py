@@ -130,3 +130,19 @@ def test_speed_bad_options(eval_model, tmp_path, options, name):
         speed.run(eval_model, str(tmp_path), **options)
     message = str(err.value)
     assert message.startswith(name) and "\n" not in message
+
+
+def test_bench_decode_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_decode.py"), "--smoke", "--threads", "1",
+                    "--out", str(out)], cwd=repo, check=True, capture_output=True, timeout=120)
+    data = json.loads(out.read_text())
+    entry = data["results"]["samba-tiny"]
+    assert entry["hybrid_pattern"] == "M-S-M-S-M-S-" and set(entry["twin_pattern"]) == {"*", "-"}
+    for point in entry["lengths"].values():
+        assert point["ratio_tokens_per_s"] == point["hybrid"]["tokens_per_s"] / point["twin"]["tokens_per_s"]
+        assert len(point["hybrid"]["runs_s"]) == len(point["twin"]["runs_s"]) == data["meta"]["repeats"]
