@@ -146,3 +146,14 @@ def test_bench_decode_smoke(tmp_path):
     for point in entry["lengths"].values():
         assert point["ratio_tokens_per_s"] == point["hybrid"]["tokens_per_s"] / point["twin"]["tokens_per_s"]
         assert len(point["hybrid"]["runs_s"]) == len(point["twin"]["runs_s"]) == data["meta"]["repeats"]
+
+
+def test_ppl_defaults_to_the_runs_validation_split(eval_model, shards, tmp_path):
+    import dataclasses
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_4").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"data:\n  train: [{shards}]\n  val: {shards}\n")
+    lm = dataclasses.replace(eval_model, provenance={"model": str(run_dir / "checkpoints" / "step_4"),
+                                                     "kind": "checkpoint"})
+    record = ppl.run(lm, str(tmp_path / "out"), length=40, chunk=16, samples=2, progress=False)
+    assert record["settings"]["source"] == f"mds:{os.path.abspath(shards)}"
