@@ -151,13 +151,16 @@ def plot(points: dict[str, list[dict[str, Any]]], path: str, title: str) -> None
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, rows in points.items():
-        x = [r["length"] for r in rows]
+    for i, (name, rows) in enumerate(points.items()):
+        x, c = [r["length"] for r in rows], f"C{i}"        # one colour per model
         if all("prefill_tokens_per_s" in r for r in rows):
-            ax_t.plot(x, [r["prefill_tokens_per_s"] for r in rows], marker="o", label=f"{name} prefill")
-        ax_t.plot(x, [r["decode_tokens_per_s"] for r in rows], marker="s", linestyle="--", label=f"{name} decode")
-        ax_m.plot(x, [r["decode_memory_bytes"] / 2**20 for r in rows], marker="o", label=f"{name} decode memory")
-        ax_m.plot(x, [r["cache_bytes"] / 2**20 for r in rows], marker="x", linestyle=":", label=f"{name} cache")
+            ax_t.plot(x, [r["prefill_tokens_per_s"] for r in rows], marker="o", color=c, label=f"{name} prefill")
+        ax_t.plot(x, [r["decode_tokens_per_s"] for r in rows], marker="s", linestyle="--", color=c,
+                  label=f"{name} decode")
+        ax_m.plot(x, [r["decode_memory_bytes"] / 2**20 for r in rows], marker="o", color=c,
+                  label=f"{name} decode memory")
+        ax_m.plot(x, [r["cache_bytes"] / 2**20 for r in rows], marker="x", linestyle=":", color=c,
+                  label=f"{name} cache")
     for ax, ylabel in ((ax_t, "tokens/s"), (ax_m, "MiB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
