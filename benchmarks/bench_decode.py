@@ -101,10 +101,11 @@ def main() -> None:
             entry["ratio_median_of_pairs"] = statistics.median(
                 t / h for h, t in zip(entry["hybrid"]["runs_s"], entry["twin"]["runs_s"]))
             results[name]["lengths"][str(length)] = entry
-            print(f"{name} L={length}: hybrid {entry['hybrid']['tokens_per_s']:.1f} tok/s "
-                  f"({entry['hybrid']['cache_bytes'] / 2**20:.1f} MiB cache), twin {entry['twin']['tokens_per_s']:.1f} "
-                  f"tok/s ({entry['twin']['cache_bytes'] / 2**20:.1f} MiB cache), ratio {entry['ratio_tokens_per_s']:.2f}x",
-                  flush=True)
+            h, t = entry["hybrid"], entry["twin"]
+            print(f"{name} L={length}: hybrid {h['tokens_per_s']:.1f} tok/s "
+                  f"({h['cache_bytes'] / 2**20:.1f} MiB cache), "
+                  f"twin {t['tokens_per_s']:.1f} tok/s ({t['cache_bytes'] / 2**20:.1f} MiB cache), "
+                  f"ratio {entry['ratio_tokens_per_s']:.2f}x", flush=True)
             del states
 
     meta = {"command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "device": "cpu",
