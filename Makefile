@@ -46,6 +46,7 @@ bench: $(STAMP) data/tiny/braid_data.json
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/parallel_memory.py
 	$(PY) benchmarks/bench_train_loop.py
+	$(PY) benchmarks/bench_decode.py --models samba-tiny tiny
 
 # the bundled corpus -> tokenizer -> shards, only when the shards are missing
 TINY_DATA := data/tiny/braid_data.json

@@ -1,0 +1,159 @@
+"""The ppl and speed eval suites: chunked NLL equals the full forward, results are written,
+decode memory is flat for a window/recurrent hybrid and grows for its full-attention twin."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_preset
+from evals import ppl, speed
+from model import HybridLM, transformer_twin
+
+
+@pytest.mark.parametrize("preset", ["tiny", "samba-421m"])
+def test_chunked_nll_equals_full(preset):
+    # window 8; lengths past it; chunks that do not divide the window or the length, and 1
+    model = HybridLM(small_preset(preset)).eval()
+    ids = torch.randint(0, 256, (2, 46))
+    ref = ppl.full_nll(model, ids)
+    assert ref.shape == (2, 45)
+    for chunk in (1, 3, 5, 8, 11, 45, 64):
+        got = ppl.chunked_nll(model, ids, chunk)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() < 1e-4, chunk
+
+
+def test_bucket_scores():
+    nll = torch.arange(1, 10, dtype=torch.float64).expand(2, 9)      # position p has NLL p
+    scores = ppl.bucket_scores(nll, train_length=4)
+    assert [(b["start"], b["end"]) for b in scores["buckets"]] == [(1, 2), (2, 4), (4, 8), (8, 10)]
+    assert [b["tokens"] for b in scores["buckets"]] == [2, 4, 8, 4]
+    assert scores["buckets"][2]["nll"] == pytest.approx(5.5)
+    assert scores["buckets"][2]["ppl"] == pytest.approx(np.exp(5.5))
+    assert scores["nll_at_train_length"] == pytest.approx(2.5)      # positions 2, 3
+    assert scores["nll_beyond"] == pytest.approx(6.5)               # positions 4 .. 9
+
+
+def _text_file(tmp_path, lm, tokens: int) -> str:
+    words = "the quick brown fox jumps over a lazy dog while grass is green and sky is blue".split()
+    rng = np.random.default_rng(0)
+    text = ""
+    while lm.count_tokens(text) < tokens:
+        text += " ".join(rng.choice(words, 200)) + ". "
+    path = tmp_path / "held_out.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def test_ppl_run_writes_results_and_plot(eval_model, tmp_path):
+    text = _text_file(tmp_path, eval_model, 2 * ppl.SMOKE["length"] + 10)
+    parser = argparse.ArgumentParser()
+    ppl.add_arguments(parser)
+    options = vars(parser.parse_args(["--text", text]))
+    options.update(ppl.SMOKE, progress=False)
+    record = ppl.run(eval_model, str(tmp_path / "out"), **options)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["suite"] == "ppl" and record["scores"] == on_disk["scores"]
+    buckets = on_disk["scores"]["buckets"]
+    assert buckets[0]["start"] == 1 and buckets[-1]["end"] == ppl.SMOKE["length"]
+    assert sum(b["tokens"] for b in buckets) == ppl.SMOKE["samples"] * (ppl.SMOKE["length"] - 1)
+    assert all(np.isfinite(b["nll"]) and b["ppl"] > 1 for b in buckets)
+    assert on_disk["scores"]["nll_beyond"] is not None                 # train_length 64 < length 96
+    assert os.path.getsize(tmp_path / "out" / "ppl.png") > 1000
+
+
+def test_ppl_reads_mds_split(eval_model, shards, tmp_path):
+    tokens = ppl.mds_tokens(shards, 100)
+    assert len(tokens) >= 100 and tokens[:33].tolist() == ((tokens[0] + np.arange(33)) % 256).tolist()
+    record = ppl.run(eval_model, str(tmp_path / "out"), data=shards, length=40, chunk=7, samples=3, progress=False)
+    assert record["settings"]["source"].startswith("mds:")
+    assert sum(b["tokens"] for b in record["scores"]["buckets"]) == 3 * 39
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"length": 0}, "length"), ({"chunk": -1}, "chunk"), ({"samples": 0}, "samples"),
+    ({"batch_size": 0}, "batch_size"), ({"text": "/nonexistent.txt"}, "text"), ({"data": "/nonexistent"}, "data"),
+    ({}, "text"), ({"bogus": 1}, "bogus")])
+def test_ppl_bad_options(eval_model, tmp_path, options, name):
+    with pytest.raises(ValueError) as err:
+        ppl.run(eval_model, str(tmp_path), **options)
+    message = str(err.value)
+    assert message.startswith(name) and "\n" not in message
+
+
+def test_ppl_text_too_short(eval_model, tmp_path):
+    text = _text_file(tmp_path, eval_model, 10)
+    with pytest.raises(ValueError, match="^length=100000"):
+        ppl.run(eval_model, str(tmp_path), text=text, length=100000)
+
+
+def test_decode_memory_flat_for_hybrid_grows_for_twin():
+    # Samba's pattern (M-S- x6, window 8) at width 64: every cache entry is constant in size.
+    # (The `tiny` preset has one `*` layer, whose KV cache grows with the context.)
+    cfg = small_preset("samba-421m")
+    models = {"hybrid": HybridLM(cfg).eval(), "twin": HybridLM(transformer_twin(cfg)).eval()}
+    memory = {name: {n: speed.measure_point(m, n, decode_tokens=2, prefill_chunk=2048, time_prefill=False)
+                     for n in (1024, 8192)} for name, m in models.items()}
+    hybrid, twin = memory["hybrid"], memory["twin"]
+    assert hybrid[8192]["cache_bytes"] == hybrid[1024]["cache_bytes"]
+    assert hybrid[8192]["decode_memory_bytes"] <= 1.05 * hybrid[1024]["decode_memory_bytes"]
+    assert twin[8192]["decode_memory_bytes"] > 2 * twin[1024]["decode_memory_bytes"]
+    assert twin[8192]["cache_bytes"] >= 8192 * 6 * 2 * 64 * 4       # 6 layers x (k, v) x d_model x fp32
+
+
+def test_speed_run_smoke(eval_model, tmp_path):
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    options = vars(parser.parse_args([]))
+    options.update(speed.SMOKE)
+    record = speed.run(eval_model, str(tmp_path / "out"), **options)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["suite"] == "speed" and record["scores"] == on_disk["scores"]
+    assert "memory_measure" in on_disk["settings"]
+    for name in ("model", "twin"):
+        rows = on_disk["scores"]["points"][name]
+        assert [r["length"] for r in rows] == speed.SMOKE["lengths"]
+        assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
+    assert set(on_disk["scores"]["decode_speedup_vs_twin"]) == {"32", "64"}
+    assert os.path.getsize(tmp_path / "out" / "speed.png") > 1000
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"lengths": []}, "lengths"), ({"lengths": [0, 8]}, "lengths"), ({"decode_tokens": 0}, "decode_tokens"),
+    ({"repeats": 0}, "repeats"), ({"batch_size": -2}, "batch_size"), ({"prefill_chunk": -1}, "prefill_chunk"),
+    ({"colour": "red"}, "colour")])
+def test_speed_bad_options(eval_model, tmp_path, options, name):
+    with pytest.raises(ValueError) as err:
+        speed.run(eval_model, str(tmp_path), **options)
+    message = str(err.value)
+    assert message.startswith(name) and "\n" not in message
+
+
+def test_bench_decode_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_decode.py"), "--smoke", "--threads", "1",
+                    "--out", str(out)], cwd=repo, check=True, capture_output=True, timeout=120)
+    data = json.loads(out.read_text())
+    entry = data["results"]["samba-tiny"]
+    assert entry["hybrid_pattern"] == "M-S-M-S-M-S-" and set(entry["twin_pattern"]) == {"*", "-"}
+    for point in entry["lengths"].values():
+        assert point["ratio_tokens_per_s"] == point["hybrid"]["tokens_per_s"] / point["twin"]["tokens_per_s"]
+        assert len(point["hybrid"]["runs_s"]) == len(point["twin"]["runs_s"]) == data["meta"]["repeats"]
+
+
+def test_ppl_defaults_to_the_runs_validation_split(eval_model, shards, tmp_path):
+    import dataclasses
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_4").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"data:\n  train: [{shards}]\n  val: {shards}\n")
+    lm = dataclasses.replace(eval_model, provenance={"model": str(run_dir / "checkpoints" / "step_4"),
+                                                     "kind": "checkpoint"})
+    record = ppl.run(lm, str(tmp_path / "out"), length=40, chunk=16, samples=2, progress=False)
+    assert record["settings"]["source"] == f"mds:{os.path.abspath(shards)}"
