@@ -8,6 +8,8 @@
                        [--account A] [--dry-run] [k=v ...]
     braid convert to-hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--step N] [--dtype auto|bf16|fp32] [--format braid|mamba]
     braid convert from-hf HF_DIR OUT_DIR [--tp N] [--pp M]
+    braid eval SUITE MODEL [options]      SUITE: passkey niah ruler phonebook ppl speed harness
+    braid eval report RUN_DIR
 """
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from conversion.cli import run
+    return run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from evals.cli import run
     return run(args)
 
 
@@ -92,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the training run")
     from_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     convert.set_defaults(handler=_convert)
+
+    from evals.cli import add_parsers
+    add_parsers(commands)
+    commands.choices["eval"].set_defaults(handler=_eval)
     parser.subcommands = commands.choices
     return parser
 
