@@ -206,8 +206,12 @@ def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], mo
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    from data_pipeline.recipe import TokenizerSpec
     tok = Tokenizer.from_file(tokenizer_path)
+    # the run's data says which ids separate and pad documents; a tokenizer given by hand: the recipe defaults
     eos_id, pad_id = facts.get("eos_id"), facts.get("pad_id")
+    eos_id = tok.token_to_id(TokenizerSpec.eos_token) if eos_id is None else eos_id
+    pad_id = tok.token_to_id(TokenizerSpec.pad_token) if pad_id is None else pad_id
     specials = {}
     if eos_id is not None:
         specials["eos_token"] = tok.id_to_token(eos_id)

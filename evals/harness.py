@@ -330,8 +330,8 @@ def _evaluate(model: Any, tasks: str | list[str] | None, limit: float | int | No
 def run(lm: EvalModel, out_dir: str, tasks: str | list[str] | None = None, limit: float | int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE, num_fewshot: int | None = None,
         include_path: list[str] | str | None = None, max_length: int | None = None,
-        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, rolling_cache: bool = False, bootstrap_iters: int = 1000,
-        **unused: Any) -> dict[str, Any]:
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, rolling_cache: bool = False,
+        bootstrap_iters: int = 1000) -> dict[str, Any]:
     """Evaluate `lm` with lm-eval on the tasks and write out_dir/results.json; returns the record."""
     adapter = BraidLM(eval_model=lm, batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks,
                       rolling_cache=rolling_cache)
