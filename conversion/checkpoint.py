@@ -6,16 +6,20 @@ DeepSpeed writes, per tag (pretrain/checkpoint.py adds braid.json: step, layout,
   pp = 1:  mp_rank_{tp:02d}_model_states.pt     ["module"]: TP rank tp's whole model
   pp > 1:  layer_{i:02d}-model_{tp:02d}-model_states.pt   pipeline layer i of TP rank tp:
            0 embedding (and the tied head), 1..n sublayers, n+1 final norm, n+2 untied head
+  ZeRO-3:  zero_pp_rank_{dp}_mp_rank_{tp:02d}_{model,optim}_states.pt: parameter shapes, and each
+           data-parallel rank's fp32 part of every parameter
 Merge rules: data-parallel replicas are identical under ZeRO 1/2 (the module weights are
-whole; rank 0's are read); pipeline layers are renamed back (`layer.` of pipeline layer i ->
-`layers.{i-1}.`); tensor-parallel shards are joined by model.sharding's rule per parameter
-(column: dim 0, row: dim 1, fused projections part by part, replicated: rank 0's copy).
+whole; rank 0's are read); under ZeRO-3 each parameter is its data-parallel parts joined;
+pipeline layers are renamed back (`layer.` of pipeline layer i -> `layers.{i-1}.`);
+tensor-parallel shards are joined by model.sharding's rule per parameter (column: dim 0,
+row: dim 1, fused projections part by part, replicated: rank 0's copy).
 A weights-only checkpoint (`braid convert from-hf`) has one safetensors file per TP rank instead.
 Files are read with torch.load(weights_only=True) or safetensors, and every shape is checked against the config.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -25,6 +29,10 @@ from torch import Tensor
 from model import HybridLM, ModelConfig
 from model.sharding import merge_tp_shards
 from pretrain.checkpoint import INFO, LATEST, checkpoint_dir, latest_tag, load_weights_only
+
+ZERO3_MODEL = "zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt"
+ZERO3_OPTIM = "zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt"
+
 
 def resolve_tag(path: str, step: int | None = None) -> str:
     """The step_* folder for a run directory, or the folder itself when it is one."""
@@ -52,13 +60,50 @@ def _load(path: str) -> dict[str, Any]:
         raise ValueError(f"{path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
-def _tp_rank_state(tag: str, cfg: ModelConfig, tp_rank: int, pp: int) -> dict[str, Tensor]:
+def _load_zero_optimizer(path: str) -> dict[str, Any]:
+    """A ZeRO optimizer-state file: weights_only=True with DeepSpeed's two plain record types allowed
+    (the stage enum and the loss-scaler settings), nothing that can run code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        return _load(path)
+
+
+def _zero3_tp_rank_state(tag: str, tp_rank: int, dp: int) -> dict[str, Tensor]:
+    """TP rank `tp_rank`'s weights from a ZeRO-3 checkpoint: each data-parallel rank holds, in its fp32
+    flat groups, an equal part of every parameter (ceil(numel / dp), the last padded), parameter after
+    parameter; a parameter is its ranks' parts joined and cut to its size. These fp32 masters are the
+    weights the optimizer steps."""
+    model = _load(os.path.join(tag, ZERO3_MODEL.format(dp=0, tp=tp_rank)))
+    shapes: dict[str, Any] = {}
+    for group in model["param_shapes"]:
+        shapes.update(group)
+    flats = []
+    for dp_rank in range(dp):
+        path = os.path.join(tag, ZERO3_OPTIM.format(dp=dp_rank, tp=tp_rank))
+        flats.append(torch.cat(_load_zero_optimizer(path)["optimizer_state_dict"]["fp32_flat_groups"]).detach())
+    state, offset = {}, 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        part = -(-numel // dp)
+        if offset + part > flats[0].numel():
+            raise ValueError(f"{tag}: ZeRO-3 partitions hold {flats[0].numel()} values per rank, fewer than the "
+                             f"parameter shapes in {ZERO3_MODEL.format(dp=0, tp=tp_rank)} need")
+        state[name] = torch.cat([flat[offset:offset + part] for flat in flats])[:numel].view(shape).clone()
+        offset += part
+    for alias, target in model.get("shared_params", {}).items():      # the tied head
+        state[alias] = state[target]
+    return state
+
+
+def _tp_rank_state(tag: str, cfg: ModelConfig, tp_rank: int, pp: int, dp: int) -> dict[str, Tensor]:
     """TP rank `tp_rank`'s state dict with HybridLM's names, its pipeline layers joined."""
+    if pp == 1 and os.path.isfile(os.path.join(tag, ZERO3_MODEL.format(dp=0, tp=tp_rank))):
+        return _zero3_tp_rank_state(tag, tp_rank, dp)
     if pp == 1:
         module = _load(os.path.join(tag, f"mp_rank_{tp_rank:02d}_model_states.pt")).get("module")
         if not module:
-            raise ValueError(f"{tag}: no module weights in mp_rank_{tp_rank:02d}_model_states.pt (a ZeRO-3 "
-                             "checkpoint keeps them partitioned; consolidating those is not supported yet)")
+            raise ValueError(f"{tag}: no module weights in mp_rank_{tp_rank:02d}_model_states.pt")
         return dict(module)
     state: dict[str, Tensor] = {}
     n = cfg.n_sublayers
@@ -85,7 +130,7 @@ def load_training_checkpoint(path: str, step: int | None = None) -> tuple[dict[s
     if info.get("weights_only"):             # `braid convert from-hf` output: one file per TP rank
         shards = [load_weights_only(tag, rank) for rank in range(tp)]
     else:
-        shards = [_tp_rank_state(tag, cfg, rank, pp) for rank in range(tp)]
+        shards = [_tp_rank_state(tag, cfg, rank, pp, info["layout"].get("dp", 1)) for rank in range(tp)]
     state = merge_tp_shards(shards, cfg) if tp > 1 else shards[0]
     check_state_dict(state, cfg, tag)
     return state, cfg, info

@@ -338,7 +338,7 @@ def mamba_model_config(config: dict[str, Any], where: str) -> ModelConfig:
 def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto", fmt: str = "braid",
           tokenizer: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Export a run directory or step_* checkpoint (any TP/PP/ZeRO-1/2 layout) as a Hugging Face folder."""
+    """Export a run directory or step_* checkpoint (any TP/PP/ZeRO layout) as a Hugging Face folder."""
     from transformers import GenerationConfig
 
     from conversion.checkpoint import load_training_checkpoint, resolve_tag

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="training checkpoints <-> Hugging Face folders")
     directions = convert.add_subparsers(dest="direction", required=True)
-    to_hf = directions.add_parser("to-hf", help="a checkpoint (any TP/PP/ZeRO-1/2 layout) -> a Hugging Face folder")
+    to_hf = directions.add_parser("to-hf", help="a checkpoint (any TP/PP/ZeRO layout) -> a Hugging Face folder")
     to_hf.add_argument("source", help="run directory (its latest checkpoint) or a step_* checkpoint folder")
     to_hf.add_argument("out_dir", help="folder to create (written to a temporary folder, then moved into place)")
     to_hf.add_argument("--step", type=int, help="the run's checkpoint of this step instead of the latest")
