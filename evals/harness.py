@@ -261,6 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lm-eval's independent windows")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
                         help="bootstrap resamples for perplexity stderr (0: none)")
+    parser.add_argument("--stock-hf", action="store_true",
+                        help="MODEL is a converted folder: score it with lm-eval's stock `hf` model "
+                             "(transformers + the folder's remote code) instead of the braid adapter")
 
 
 def _task_list(tasks: str | list[str] | None) -> list[str]:
@@ -331,8 +334,13 @@ def run(lm: EvalModel, out_dir: str, tasks: str | list[str] | None = None, limit
         batch_size: int = DEFAULT_BATCH_SIZE, num_fewshot: int | None = None,
         include_path: list[str] | str | None = None, max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, rolling_cache: bool = False,
-        bootstrap_iters: int = 1000) -> dict[str, Any]:
+        bootstrap_iters: int = 1000, stock_hf: bool = False) -> dict[str, Any]:
     """Evaluate `lm` with lm-eval on the tasks and write out_dir/results.json; returns the record."""
+    if stock_hf:
+        if not str(lm.provenance.get("kind", "")).startswith("hf-"):
+            raise ValueError("--stock-hf: MODEL must be a converted Hugging Face folder (braid convert to-hf)")
+        return run_stock_hf(lm.provenance["model"], out_dir, tasks, limit, batch_size, num_fewshot, include_path,
+                            bootstrap_iters, max_length)
     adapter = BraidLM(eval_model=lm, batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks,
                       rolling_cache=rolling_cache)
     results, settings = _evaluate(adapter, tasks, limit, batch_size, num_fewshot, include_path, bootstrap_iters)

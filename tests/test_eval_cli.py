@@ -67,3 +67,10 @@ def test_stock_hf_model_on_a_converted_folder_agrees_with_the_braid_adapter(conv
     theirs, mine = stock["scores"]["braid_text"]["word_perplexity,none"], ours["scores"]["braid_text"][
         "word_perplexity,none"]
     assert abs(theirs - mine) < 1e-4 * mine
+
+    out = braid("eval", "harness", converted, "--stock-hf", "--tasks", "braid_mc", "--limit", "4", "--batch-size", "4",
+                "--bootstrap-iters", "0", "--max-length", "256", "--out", str(tmp_path / "cli"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.load(open(tmp_path / "cli" / "results.json"))
+    assert record["settings"]["model"] == "hf"
+    assert record["scores"]["braid_mc"]["acc,none"] == stock["scores"]["braid_mc"]["acc,none"]
