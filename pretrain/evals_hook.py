@@ -42,6 +42,12 @@ def resolve_mode(mode: str) -> str:
     return "slurm" if os.environ.get("SLURM_JOB_ID") and shutil.which("sbatch") else "inline"
 
 
+def _warn(line: str) -> None:
+    """One line on stderr, on a line of its own even while training's progress bar is drawn."""
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stderr)
+
+
 class EvalHook:
     """Runs or submits the evals of a saved checkpoint and logs finished results (rank 0 only)."""
 
@@ -49,7 +55,7 @@ class EvalHook:
                  warn: Callable[[str], None] | None = None) -> None:
         self.cfg, self.log = cfg, log
         self.active = active and cfg.evals.every > 0
-        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.warn = warn or _warn
         if not self.active:
             return
         self.mode = resolve_mode(cfg.evals.mode)
@@ -144,7 +150,8 @@ class EvalHook:
             reason = "; ".join(line for line in (out.stderr + out.stdout).splitlines() if line.strip())
             self.warn(f"braid: evals of step {step} not submitted: sbatch failed ({out.returncode}): {reason}")
             return
-        print(f"braid: evals of step {step}: Slurm job {out.stdout.strip().split(';')[0]} ({path})", flush=True)
+        from tqdm import tqdm
+        tqdm.write(f"braid: evals of step {step}: Slurm job {out.stdout.strip().split(';')[0]} ({path})")
 
     def on_log_step(self) -> None:
         """Slurm mode: results of submitted jobs land in metrics.jsonl at the next log step after they finish."""
