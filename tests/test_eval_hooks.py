@@ -88,18 +88,27 @@ def test_a_failing_eval_is_one_line_and_training_goes_on(tmp_path, shards, eval_
     assert "done: step 2" in done.stdout
 
 
-@pytest.mark.parametrize("override, message", [
-    ("evals.every=3", "evals.every=3 must be a multiple of checkpoint.every=2"),
-    ("evals.suites={pplx: smoke}", "evals.suites.pplx: unknown eval suite"),
-    ("evals.suites={ppl: {lenght: 5}}", "evals.suites.ppl.lenght: unknown option of the ppl suite"),
-    ("evals.suites={ppl: {length: many}}", "evals.suites.ppl: argument --length: invalid int value: 'many'"),
-    ("evals.mode=later", "evals.mode='later': must be auto, inline or slurm"),
-])
-def test_config_errors_are_one_line(tmp_path, shards, eval_tokenizer_path, override, message):
+def test_config_errors_are_one_line(tmp_path, shards, eval_tokenizer_path):
+    from launch.config_io import load_config
+    from pretrain.config import train_config
     config = write_config(tmp_path, shards, eval_tokenizer_path, {"ppl": "smoke"})
-    bad = braid_train(config, override)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith(f"braid: error: {message}"), bad.stderr[-2000:]
+    bad = braid_train(config, "evals.every=3")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "braid: error: evals.every=3 must be a multiple of checkpoint.every=2 (evals run on saved checkpoints)")
+    for override, message in [
+        ("evals.suites={pplx: smoke}", "evals.suites.pplx: unknown eval suite (known: passkey, niah, "),
+        ("evals.suites={ppl: {lenght: 5}}", "evals.suites.ppl.lenght: unknown option of the ppl suite (known: "),
+        ("evals.suites={ppl: {length: many}}", "evals.suites.ppl: argument --length: invalid int value: 'many'"),
+        ("evals.mode=later", "evals.mode='later': must be auto, inline or slurm"),
+        ("evals.suites={}", "evals.every=2: evals.suites names no suite"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            train_config(load_config(config, [override]))
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    cfg = train_config(load_config(config, ["evals.suites={ppl: smoke, passkey: {}}"]))
+    assert cfg.evals.commands() == {"ppl": ["--length", "96", "--chunk", "24", "--samples", "2", "--batch-size", "2"],
+                                    "passkey": ["--lengths", "256", "512", "--depths", "0.0", "0.5", "1.0",
+                                                "--samples", "1", "--batch-size", "6", "--no-progress"]}
 
 
 def test_slurm_mode_submits_a_job_and_logs_its_results_later(tmp_path, shards, eval_tokenizer_path):
