@@ -15,13 +15,75 @@ import os
 from typing import Any
 
 SUITES = ("passkey", "niah", "ruler", "phonebook", "ppl", "speed", "harness")
-_COMMON = ("suite", "model", "out", "step", "device", "dtype")
+_COMMON = ("suite", "model", "out", "step", "device", "dtype", "tokenizer")
 
 
 def suite_module(name: str):
     if name not in SUITES:
         raise ValueError(f"unknown eval suite {name!r} (known: {', '.join(SUITES)})")
     return importlib.import_module(f"evals.{name}")
+
+
+def suite_parser(name: str) -> argparse.ArgumentParser:
+    """A parser of the suite's own options only (no MODEL, no common options): what a config may set."""
+    parser = argparse.ArgumentParser(prog=f"braid eval {name}", add_help=False)
+    suite_module(name).add_arguments(parser)
+    return parser
+
+
+def suite_options(name: str, value: Any, where: str) -> dict[str, Any]:
+    """A config's settings of one suite -> run() keyword arguments. `smoke`, null or {} mean the suite's
+    SMOKE settings; other keys must be the suite's options (ValueError naming `where`.KEY otherwise)."""
+    module = suite_module(name)
+    if value in (None, "smoke") or value == {}:
+        return dict(module.SMOKE)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: {value!r} is not a mapping of {name} options or `smoke`")
+    dests = {a.dest for a in suite_parser(name)._actions}
+    for key in value:
+        if key not in dests:
+            raise ValueError(f"{where}.{key}: unknown option of the {name} suite "
+                             f"(known: {', '.join(sorted(dests))})")
+    return dict(value)
+
+
+def suite_argv(name: str, options: dict[str, Any], where: str = "options") -> list[str]:
+    """run() keyword arguments -> the `braid eval SUITE` command-line options that give them; checked by
+    parsing them back (ValueError naming `where` with argparse's message if they do not parse)."""
+    import contextlib
+    import io
+
+    parser = suite_parser(name)
+    actions = {a.dest: a for a in parser._actions}
+    argv: list[str] = []
+    for key, value in options.items():
+        action = actions.get(key)
+        if action is None:
+            raise ValueError(f"{where}.{key}: unknown option of the {name} suite")
+        flag = action.option_strings[-1] if action.option_strings else None
+        if flag is None:
+            raise ValueError(f"{where}.{key}: not an option of the {name} suite")
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if bool(value) != bool(action.default):
+                argv.append(flag)
+        elif value is None:
+            continue
+        elif isinstance(action, argparse._AppendAction):
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                argv += [flag, str(item)]
+        elif action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            argv += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parser.parse_args(argv)
+    except SystemExit:
+        lines = [line for line in errors.getvalue().splitlines() if line.strip()]
+        message = lines[-1].split("error: ", 1)[-1] if lines else "invalid options"
+        raise ValueError(f"{where}: {message}") from None
+    return argv
 
 
 def default_out_dir(model: str, suite: str, step: int | None = None) -> str:
@@ -50,6 +112,8 @@ def add_parsers(commands: Any) -> None:
         parser.add_argument("--step", type=int, help="a run directory's checkpoint of this step (default: latest)")
         parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
         parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
+        parser.add_argument("--tokenizer", help="tokenizer.json to use instead of the model's own (the one its "
+                                                "run's data was made with, or the converted folder's)")
     report = suites.add_parser("report", help="one Markdown page of a run's (or folder's) eval results and plots")
     report.add_argument("model", help="run directory or converted folder whose evals/ to gather")
     report.add_argument("--out", help="Markdown file (default: MODEL/evals/REPORT.md)")
@@ -69,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                                                                                       "overrides")}
     out_dir = args.out or default_out_dir(args.model, args.suite, args.step)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    lm = load_eval_model(args.model, step=args.step, dtype=dtype, device=args.device)
+    lm = load_eval_model(args.model, step=args.step, dtype=dtype, device=args.device, tokenizer=args.tokenizer)
     record = module.run(lm, out_dir, **options)
     print(f"{args.suite}: {os.path.join(out_dir, 'results.json')}")
     print(summary_line(args.suite, record.get("scores", {})))

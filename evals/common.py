@@ -64,13 +64,18 @@ def load_tokenizer_file(path: str) -> Tokenizer:
 
 
 def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> EvalModel:
-    """A run directory, a step_* checkpoint folder, or a converted Hugging Face folder -> EvalModel."""
+                    device: str | torch.device = "cpu", tokenizer: str | None = None) -> EvalModel:
+    """A run directory, a step_* checkpoint folder, or a converted Hugging Face folder -> EvalModel.
+
+    `tokenizer` (a tokenizer.json) replaces the model's own, e.g. for a run whose data folder has none;
+    its vocabulary must fit the model's embedding.
+    """
     if os.path.isfile(os.path.join(path, "config.json")):
         from conversion.hf import load_hf_folder
         model, facts = load_hf_folder(path)
         tokenizer_path, eos_id, train_length = facts["tokenizer"], facts["eos_id"], facts["train_length"]
         provenance = facts["provenance"]
+        tokenizer_path = tokenizer or tokenizer_path
         if tokenizer_path is None:
             raise FileNotFoundError(f"{path}: no tokenizer.json (convert with --tokenizer to ship one)")
     else:
@@ -79,6 +84,7 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
         state, cfg, info = load_training_checkpoint(tag)
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag)))
         tokenizer_path, data = run_tokenizer(run_dir)
+        tokenizer_path = tokenizer or tokenizer_path
         if tokenizer_path is None:
             raise FileNotFoundError(f"{run_dir}: no tokenizer found through its config.yaml's data folder")
         eos_id, train_length = data.get("eos_id"), data.get("seq_len")
@@ -86,11 +92,15 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
         model.load_state_dict(state)
         provenance = {"model": os.path.abspath(path), "kind": "checkpoint", "checkpoint": os.path.abspath(tag),
                       "step": info.get("step")}
+    loaded = load_tokenizer_file(tokenizer_path)
+    if loaded.get_vocab_size() > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer_path}: tokenizer vocabulary {loaded.get_vocab_size()} is larger than the "
+                         f"model's vocab_size {model.cfg.vocab_size} ({path})")
     model = model.to(device=device, dtype=dtype).eval()
     provenance = {**provenance, "tokenizer": os.path.abspath(tokenizer_path),
                   "tokenizer_sha256": file_sha256(tokenizer_path), "dtype": str(dtype).removeprefix("torch."),
                   "pattern": model.cfg.pattern}
-    return EvalModel(model=model, tokenizer=load_tokenizer_file(tokenizer_path), eos_id=eos_id,
+    return EvalModel(model=model, tokenizer=loaded, eos_id=eos_id,
                      train_length=train_length, provenance=provenance)
 
 

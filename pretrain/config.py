@@ -26,6 +26,14 @@
     logging:
       tensorboard: true
       wandb: {enabled: false, project: braid, name: null, mode: offline}   # needs the `wandb` extra
+    evals:                                # eval suites on saved checkpoints (pretrain/evals_hook.py)
+      every: 0                            # steps between evals (0: off); a multiple of checkpoint.every
+      suites: {}                          # suite -> its run() options, or `smoke` / {} for its SMOKE settings,
+                                          #   e.g. {ppl: {length: 512, chunk: 128, samples: 2}, passkey: smoke}
+      mode: auto                          # inline (subprocesses of rank 0), slurm (a dependent sbatch job per
+                                          #   checkpoint), auto (slurm inside a Slurm job with sbatch on PATH)
+      tokenizer: null                     # tokenizer.json for text suites (null: the run's data tokenizer)
+      device: null                        # inline evals' device (null: cuda when training on GPUs, else cpu)
 
 Unknown keys anywhere are errors naming their path (`train.max_stpes`).
 """
@@ -123,6 +131,41 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalsConfig:
+    """Eval suites run on checkpoints as training saves them; scores go to metrics.jsonl as eval/SUITE/NAME."""
+    every: int = 0
+    suites: dict[str, Any] = field(default_factory=dict)
+    mode: str = "auto"
+    tokenizer: str | None = None
+    device: str | None = None
+
+    def check(self, checkpoint_every: int) -> None:
+        """Value checks; each suite's options are checked against its `braid eval SUITE` options."""
+        if not isinstance(self.every, int) or self.every < 0:
+            raise ConfigError(f"evals.every={self.every!r}: must be 0 (off) or a positive integer")
+        if self.mode not in ("auto", "inline", "slurm"):
+            raise ConfigError(f"evals.mode={self.mode!r}: must be auto, inline or slurm")
+        if self.every and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0 or self.every % checkpoint_every):
+            raise ConfigError(f"evals.every={self.every} must be a multiple of checkpoint.every={checkpoint_every} "
+                              "(evals run on saved checkpoints)")
+        if self.every and not self.suites:
+            raise ConfigError(f"evals.every={self.every}: evals.suites names no suite")
+        if not self.suites:
+            return
+        from evals.cli import SUITES, suite_argv, suite_options
+        for name, value in self.suites.items():
+            if name not in SUITES:
+                raise ConfigError(f"evals.suites.{name}: unknown eval suite (known: {', '.join(SUITES)})")
+            suite_argv(name, suite_options(name, value, f"evals.suites.{name}"), f"evals.suites.{name}")
+
+    def commands(self) -> dict[str, list[str]]:
+        """Each suite's `braid eval SUITE` options, in config order."""
+        from evals.cli import suite_argv, suite_options
+        return {name: suite_argv(name, suite_options(name, value, f"evals.suites.{name}"), f"evals.suites.{name}")
+                for name, value in self.suites.items()}
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
     seed: int = 0
@@ -135,6 +178,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evals: EvalsConfig = field(default_factory=EvalsConfig)
 
     def validate(self) -> None:
         positive = {"data.seq_len": self.data.seq_len, "data.micro_batch": self.data.micro_batch,
@@ -157,6 +201,7 @@ class TrainConfig:
         if self.logging.wandb.mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb.mode={self.logging.wandb.mode!r}: must be offline, online or disabled")
         self.train.checkpointed_kinds(self.model.pattern)
+        self.evals.check(self.checkpoint.every)
         for name in ("tp", "pp"):
             if not isinstance(getattr(self.parallel, name), int) or getattr(self.parallel, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self.parallel, name)!r}: must be a positive integer")

@@ -31,6 +31,7 @@ if not torch.cuda.is_available():
 from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader, build_val_loader
 from . import checkpoint
 from .config import TrainConfig, train_config
+from .evals_hook import EvalHook
 from .flops import device_peak_flops, mfu
 from .parallel import ParallelEngine, plan_layout
 
@@ -205,6 +206,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     stop = StopRequest(world)
     metrics = MetricsLog(cfg, active=rank == 0, resumed_step=step)
+    evals = EvalHook(cfg, active=rank == 0, log=metrics.log)
+    evals.collect()                     # results that finished since the last invocation (slurm mode)
     peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * layout.dp
     batches = loader.batches()
@@ -240,6 +243,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     progress.write(f"step {step}: non-finite loss or gradient (loss {step_loss}), step skipped "
                                    f"({nonfinite_run} in a row, stopping at {cfg.train.max_nonfinite})")
                 metrics.log(record)
+                evals.on_log_step()
                 progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
                 window_start, window_tokens = time.perf_counter(), 0
             if nonfinite_run >= cfg.train.max_nonfinite:
@@ -256,6 +260,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if preempted or step % cfg.checkpoint.every == 0 or step == end:
                 checkpoint.save(engine.ds, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict(),
                                                               "layout": layout.to_dict()}, cfg.checkpoint.keep)
+                evals.after_save(step, preempted)
             if preempted:
                 if rank == 0:
                     print(f"preempted (signal {stop.signal or 'on another rank'}): saved step {step} to "
@@ -263,6 +268,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           flush=True)
                 exit_code = REQUEUE_EXIT_CODE
                 break
+        evals.collect()
     finally:
         progress.close()
         metrics.close()
