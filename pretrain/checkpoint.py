@@ -55,8 +55,10 @@ def latest_tag(run_dir: str) -> str | None:
         return f.read().strip() or None
 
 
-def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: int) -> str:
-    """Save tag step_N on every rank, then (rank 0) point `latest` at it and prune old tags."""
+def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: int,
+         protect: set[str] = frozenset()) -> str:
+    """Save tag step_N on every rank, then (rank 0) point `latest` at it and prune old tags
+    (all but the last `keep`, and those in `protect`: tags a submitted eval job has yet to read)."""
     root = checkpoint_dir(run_dir)
     tag = f"step_{step:08d}"
     engine.save_checkpoint(root, tag=tag, client_state={"step": step, "rng": rng_state(), **client_state},
@@ -69,7 +71,7 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: in
                        "model": client_state.get("config", {}).get("model")}, f)
         _point_latest(root, tag)
         tags = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.isdir(os.path.join(root, t)))
-        for old in tags[:-keep]:
+        for old in [t for t in tags[:-keep] if t not in protect]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return tag
 

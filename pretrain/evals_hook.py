@@ -4,6 +4,8 @@
     RUN_DIR/evals/step_00000200/ppl.log            that command's output (read it when an eval failed)
     RUN_DIR/evals/logged.json                      results already logged to metrics.jsonl
     RUN_DIR/slurm/eval-step_00000200.sbatch        slurm mode: the job that runs the suites of that step
+    RUN_DIR/evals/step_00000200/PENDING            slurm mode: the job has not finished; checkpoint
+                                                   pruning keeps step_00000200 until it has
 
 Only rank 0 acts. Inline mode runs each suite as a subprocess (its memory and RNG stay out of training;
 the other ranks wait at their next collective) and logs its scores at once; slurm mode submits one
@@ -26,6 +28,7 @@ from typing import Any, Callable
 from .config import TrainConfig
 
 LOGGED = "logged.json"
+PENDING = "PENDING"
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -128,6 +131,7 @@ class EvalHook:
             log_path = os.path.join(step_dir(self.cfg.run_dir, step), f"{suite}.log")
             lines.append(f"{shlex.join(self.command(suite, step))} > {q(log_path)} 2>&1 || "
                          f"{{ STATUS=1; echo \"braid: eval {suite} at step {step} failed; see {log_path}\" >&2; }}")
+        lines.append(f"rm -f {q(os.path.join(step_dir(self.cfg.run_dir, step), PENDING))}   # the checkpoint may go now")
         lines.append('exit "$STATUS"')
         return "\n".join(lines) + "\n"
 
@@ -138,20 +142,32 @@ class EvalHook:
         path = os.path.join(directory, f"eval-step_{step:08d}.sbatch")
         with open(path, "w") as f:
             f.write(self.script(step))
+        os.makedirs(step_dir(self.cfg.run_dir, step), exist_ok=True)
+        marker = os.path.join(step_dir(self.cfg.run_dir, step), PENDING)
+        with open(marker, "w") as f:
+            f.write(path + "\n")
         cmd = ["sbatch", "--parsable"]
         if os.environ.get("SLURM_JOB_ID"):
             cmd.append(f"--dependency=after:{os.environ['SLURM_JOB_ID']}")
         try:
             out = subprocess.run([*cmd, path], capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as err:
+            os.remove(marker)
             self.warn(f"braid: evals of step {step} not submitted ({err}); script {path}")
             return
         if out.returncode != 0:
+            os.remove(marker)
             reason = "; ".join(line for line in (out.stderr + out.stdout).splitlines() if line.strip())
             self.warn(f"braid: evals of step {step} not submitted: sbatch failed ({out.returncode}): {reason}")
             return
         from tqdm import tqdm
         tqdm.write(f"braid: evals of step {step}: Slurm job {out.stdout.strip().split(';')[0]} ({path})")
+
+    def pending_tags(self) -> set[str]:
+        """Checkpoint tags whose submitted eval job has not finished (not to be pruned yet)."""
+        if not self.active:
+            return set()
+        return {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(self.root, "step_*", PENDING))}
 
     def on_log_step(self) -> None:
         """Slurm mode: results of submitted jobs land in metrics.jsonl at the next log step after they finish."""

@@ -259,7 +259,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             preempted = stop.agreed()
             if preempted or step % cfg.checkpoint.every == 0 or step == end:
                 checkpoint.save(engine.ds, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict(),
-                                                              "layout": layout.to_dict()}, cfg.checkpoint.keep)
+                                                              "layout": layout.to_dict()}, cfg.checkpoint.keep,
+                                protect=evals.pending_tags())
                 evals.after_save(step, preempted)
             if preempted:
                 if rank == 0:

@@ -146,6 +146,13 @@ def test_slurm_mode_submits_a_job_and_logs_its_results_later(tmp_path, shards, e
     after = [r["step"] for r in records(str(run_dir))[:steps[0][0]] if "loss" in r]
     assert after[-1] == 3                      # logged at the first log step after the job's results appeared
     assert "submitted" not in done.stderr and "Slurm job 4242" in done.stdout
+    # keep=2, but no job has run: every checkpoint a job has yet to read is still there
+    tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert tags == ["step_00000002", "step_00000004", "step_00000006"]
+    marker = run_dir / "evals" / "step_00000002" / "PENDING"
+    assert marker.is_file() and f"rm -f {marker}" in (run_dir / "slurm" / "eval-step_00000002.sbatch").read_text()
+    for step in (2, 4):                                # their jobs end (the scripts' last line)
+        (run_dir / "evals" / f"step_{step:08d}" / "PENDING").unlink()
     # a later invocation logs results that finished after training ended, once
     from evals.common import write_results
     write_results(str(run_dir / "evals" / "step_00000006" / "ppl"), "ppl", {"nll_mean": 1.25}, {})
@@ -153,3 +160,6 @@ def test_slurm_mode_submits_a_job_and_logs_its_results_later(tmp_path, shards, e
     assert again.returncode == 0, again.stderr[-3000:]
     assert [(r["step"], r["eval/ppl/nll_mean"]) for r in records(str(run_dir)) if "eval/ppl/nll_mean" in r] == \
         [(2, 1.5), (6, 1.25)]
+    more = braid_train(config, "train.max_steps=8", patch=patch)      # the next save prunes what is done
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000008"]
