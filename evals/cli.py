@@ -147,13 +147,19 @@ def summary_line(suite: str, scores: dict[str, Any]) -> str:
 
 
 def headline_scores(suite: str, scores: dict[str, Any]) -> dict[str, float]:
-    """Numbers worth a line in metrics.jsonl: top-level numeric scores, and one level down for per-task dicts."""
+    """Numbers worth a line in metrics.jsonl: top-level numeric scores; per-task metrics of the harness
+    (`task/metric`); one-level maps of numbers such as speed-up per length (`name@length`)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     flat: dict[str, float] = {}
     for key, value in scores.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if number(value):
             flat[key] = float(value)
         elif isinstance(value, dict) and suite == "harness":
-            for metric, number in value.items():
-                if isinstance(number, (int, float)) and "stderr" not in metric:
-                    flat[f"{key}/{metric.split(',')[0]}"] = float(number)
+            for metric, x in value.items():
+                if number(x) and "stderr" not in metric:
+                    flat[f"{key}/{metric.split(',')[0]}"] = float(x)
+        elif isinstance(value, dict) and value and all(number(x) for x in value.values()):
+            flat.update({f"{key}@{sub}": float(x) for sub, x in value.items()})
     return flat

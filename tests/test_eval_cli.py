@@ -74,3 +74,12 @@ def test_stock_hf_model_on_a_converted_folder_agrees_with_the_braid_adapter(conv
     record = json.load(open(tmp_path / "cli" / "results.json"))
     assert record["settings"]["model"] == "hf"
     assert record["scores"]["braid_mc"]["acc,none"] == stock["scores"]["braid_mc"]["acc,none"]
+
+
+def test_headline_scores_flatten_what_metrics_can_plot():
+    from evals.cli import headline_scores
+    assert headline_scores("passkey", {"accuracy": 0.5, "grid": {"256": {"0.5": 1.0}}}) == {"accuracy": 0.5}
+    assert headline_scores("speed", {"points": [], "decode_speedup_vs_twin": {"1024": 2.0, "8192": 5.0}}) == {
+        "decode_speedup_vs_twin@1024": 2.0, "decode_speedup_vs_twin@8192": 5.0}
+    assert headline_scores("harness", {"braid_mc": {"acc,none": 0.25, "acc_stderr,none": 0.1, "alias": "x"}}) == {
+        "braid_mc/acc": 0.25}
