@@ -292,3 +292,15 @@ def test_transformers_version_is_the_pinned_one():
     import transformers
     pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert f'"transformers=={transformers.__version__}"' in pyproject
+
+
+def test_beam_search_reorders_the_hybrid_cache(tmp_path):
+    cfg = small_preset("tiny", vocab_size=64)
+    weights_checkpoint(tmp_path / "run", cfg)
+    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
+    model = hf_model(tmp_path / "hf")
+    ids = torch.randint(2, 64, (2, 10))
+    kwargs = dict(input_ids=ids, num_beams=3, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=1)
+    with_cache = model.generate(**kwargs)
+    recomputed = model.generate(**kwargs, use_cache=False)            # every step from scratch: no cache to reorder
+    assert with_cache.tolist() == recomputed.tolist()
