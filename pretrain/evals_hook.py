@@ -11,7 +11,8 @@ Only rank 0 acts. Inline mode runs each suite as a subprocess (its memory and RN
 the other ranks wait at their next collective) and logs its scores at once; slurm mode submits one
 job per checkpoint and does not wait. Finished results not yet logged are picked up at the start,
 at log steps (slurm mode) and at the end, and logged as {"step": N, "eval/SUITE/NAME": value}
-at the checkpoint's step N; logged.json keeps a restart from logging them twice. A failed eval
+at the checkpoint's step N; logged.json and metrics.jsonl's own eval records keep a restart from
+logging them twice. A failed eval
 is one line on stderr; training goes on.
 """
 from __future__ import annotations
@@ -93,11 +94,16 @@ class EvalHook:
         if self.mode == "slurm":
             self.submit(step)
         elif preempted:
-            self.warn(f"braid: evals of step {step} skipped: preempted (run them with `braid eval SUITE "
-                      f"{self.cfg.run_dir} --step {step}`)")
+            self.warn(f"braid: evals of step {step} deferred: preempted (they run when training resumes)")
         else:
             self.run_inline(step)
             self.collect()
+
+    def catch_up(self, step: int) -> None:
+        """On resume: checkpoint `step` was due evals that never started (the save was a preemption's)."""
+        if not self.due(step) or step == 0 or os.path.isdir(step_dir(self.cfg.run_dir, step)):
+            return
+        self.after_save(step)
 
     def run_inline(self, step: int) -> None:
         os.makedirs(step_dir(self.cfg.run_dir, step), exist_ok=True)
@@ -177,12 +183,28 @@ class EvalHook:
     # ---- logging ---------------------------------------------------------------------------------
 
     def _logged(self) -> set[str]:
-        path = os.path.join(self.root, LOGGED)
+        """step_N/SUITE keys already logged: logged.json, and eval records in metrics.jsonl itself (a kill
+        between writing the record and logged.json must not log it twice)."""
+        logged: set[str] = set()
         try:
-            with open(path) as f:
-                return set(json.load(f))
+            with open(os.path.join(self.root, LOGGED)) as f:
+                logged.update(json.load(f))
         except (OSError, ValueError):
-            return set()
+            pass
+        try:
+            with open(os.path.join(self.cfg.run_dir, "metrics.jsonl")) as f:
+                for line in f:
+                    if '"eval/' not in line:
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue            # a torn last line
+                    logged.update(f"step_{record['step']:08d}/{key.split('/')[1]}" for key in record
+                                  if key.startswith("eval/"))
+        except OSError:
+            pass
+        return logged
 
     def _save_logged(self, logged: set[str]) -> None:
         path = os.path.join(self.root, LOGGED)

@@ -208,6 +208,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics = MetricsLog(cfg, active=rank == 0, resumed_step=step)
     evals = EvalHook(cfg, active=rank == 0, log=metrics.log)
     evals.collect()                     # results that finished since the last invocation (slurm mode)
+    evals.catch_up(step)                # the resumed checkpoint's evals, if a preemption skipped them
     peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * layout.dp
     batches = loader.batches()

@@ -163,3 +163,39 @@ def test_slurm_mode_submits_a_job_and_logs_its_results_later(tmp_path, shards, e
     more = braid_train(config, "train.max_steps=8", patch=patch)      # the next save prunes what is done
     assert more.returncode == 0, more.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000008"]
+
+
+def test_evals_deferred_by_a_preemption_run_on_resume(tmp_path, shards, eval_tokenizer_path):
+    config = write_config(tmp_path, shards, eval_tokenizer_path, {"ppl": ppl_options(shards)})
+    # a preemption signal arrives at step 2, a due step: the save happens, its evals wait for the restart
+    patch = ("import pretrain.train as t\n"
+             "calls = [0]\n"
+             "def agreed(self):\n"
+             "    calls[0] += 1\n"
+             "    return calls[0] == 2\n"
+             "t.StopRequest.agreed = agreed\n")
+    first = braid_train(config, patch=patch)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "evals of step 2 deferred: preempted" in first.stderr
+    run_dir = str(tmp_path / "run")
+    assert eval_steps(run_dir, "ppl") == []
+    second = braid_train(config)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert eval_steps(run_dir, "ppl") == [2, 4]
+
+
+def test_a_result_already_in_metrics_is_not_logged_again(tmp_path, shards, eval_tokenizer_path):
+    """A kill between the metrics record and logged.json: the record itself says it was logged."""
+    from pretrain.config import train_config
+    from pretrain.evals_hook import EvalHook
+    import yaml
+    from evals.common import write_results
+    cfg = train_config(yaml.safe_load(open(write_config(tmp_path, shards, eval_tokenizer_path, {"ppl": "smoke"}))))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_results(str(run_dir / "evals" / "step_00000002" / "ppl"), "ppl", {"nll_mean": 2.0}, {})
+    write_results(str(run_dir / "evals" / "step_00000004" / "ppl"), "ppl", {"nll_mean": 1.0}, {})
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "eval/ppl/nll_mean": 2.0}) + "\n")
+    logged = []
+    assert EvalHook(cfg, active=True, log=logged.append).collect() == 1
+    assert logged == [{"step": 4, "eval/ppl/nll_mean": 1.0}]
