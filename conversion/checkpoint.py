@@ -51,37 +51,41 @@ def resolve_tag(path: str, step: int | None = None) -> str:
     return os.path.join(root, latest)
 
 
-def _load(path: str) -> dict[str, Any]:
+def _load(path: str, bar: Any = None) -> dict[str, Any]:
+    """One checkpoint file, weights_only; `bar` (tqdm) counts the bytes read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing (the checkpoint is partial)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if bar is not None:
+        bar.update(os.path.getsize(path))
+    return loaded
 
 
-def _load_zero_optimizer(path: str) -> dict[str, Any]:
+def _load_zero_optimizer(path: str, bar: Any = None) -> dict[str, Any]:
     """A ZeRO optimizer-state file: weights_only=True with DeepSpeed's two plain record types allowed
     (the stage enum and the loss-scaler settings), nothing that can run code."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-        return _load(path)
+        return _load(path, bar)
 
 
-def _zero3_tp_rank_state(tag: str, tp_rank: int, dp: int) -> dict[str, Tensor]:
+def _zero3_tp_rank_state(tag: str, tp_rank: int, dp: int, bar: Any = None) -> dict[str, Tensor]:
     """TP rank `tp_rank`'s weights from a ZeRO-3 checkpoint: each data-parallel rank holds, in its fp32
     flat groups, an equal part of every parameter (ceil(numel / dp), the last padded), parameter after
     parameter; a parameter is its ranks' parts joined and cut to its size. These fp32 masters are the
     weights the optimizer steps."""
-    model = _load(os.path.join(tag, ZERO3_MODEL.format(dp=0, tp=tp_rank)))
+    model = _load(os.path.join(tag, ZERO3_MODEL.format(dp=0, tp=tp_rank)), bar)
     shapes: dict[str, Any] = {}
     for group in model["param_shapes"]:
         shapes.update(group)
     flats = []
     for dp_rank in range(dp):
         path = os.path.join(tag, ZERO3_OPTIM.format(dp=dp_rank, tp=tp_rank))
-        flats.append(torch.cat(_load_zero_optimizer(path)["optimizer_state_dict"]["fp32_flat_groups"]).detach())
+        flats.append(torch.cat(_load_zero_optimizer(path, bar)["optimizer_state_dict"]["fp32_flat_groups"]).detach())
     state, offset = {}, 0
     for name, shape in shapes.items():
         numel = math.prod(shape)
@@ -96,12 +100,12 @@ def _zero3_tp_rank_state(tag: str, tp_rank: int, dp: int) -> dict[str, Tensor]:
     return state
 
 
-def _tp_rank_state(tag: str, cfg: ModelConfig, tp_rank: int, pp: int, dp: int) -> dict[str, Tensor]:
+def _tp_rank_state(tag: str, cfg: ModelConfig, tp_rank: int, pp: int, dp: int, bar: Any = None) -> dict[str, Tensor]:
     """TP rank `tp_rank`'s state dict with HybridLM's names, its pipeline layers joined."""
     if pp == 1 and os.path.isfile(os.path.join(tag, ZERO3_MODEL.format(dp=0, tp=tp_rank))):
-        return _zero3_tp_rank_state(tag, tp_rank, dp)
+        return _zero3_tp_rank_state(tag, tp_rank, dp, bar)
     if pp == 1:
-        module = _load(os.path.join(tag, f"mp_rank_{tp_rank:02d}_model_states.pt")).get("module")
+        module = _load(os.path.join(tag, f"mp_rank_{tp_rank:02d}_model_states.pt"), bar).get("module")
         if not module:
             raise ValueError(f"{tag}: no module weights in mp_rank_{tp_rank:02d}_model_states.pt")
         return dict(module)
@@ -110,7 +114,7 @@ def _tp_rank_state(tag: str, cfg: ModelConfig, tp_rank: int, pp: int, dp: int) -
     for index in range(n + 3):
         if index == n + 2 and cfg.tie_embeddings:
             break                                 # a tied head is saved once, with the embedding (layer 0)
-        layer = _load(os.path.join(tag, f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"))
+        layer = _load(os.path.join(tag, f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"), bar)
         for name, tensor in layer.items():
             if 1 <= index <= n:
                 name = f"layers.{index - 1}.{name.removeprefix('layer.')}"
@@ -118,8 +122,24 @@ def _tp_rank_state(tag: str, cfg: ModelConfig, tp_rank: int, pp: int, dp: int) -
     return state
 
 
-def load_training_checkpoint(path: str, step: int | None = None) -> tuple[dict[str, Tensor], ModelConfig, dict]:
-    """(unsharded state dict, model config, braid.json) of a checkpoint saved at any TP/PP/DP layout."""
+def _files_read(tag: str, pp: int) -> list[str]:
+    """The files of a tag that consolidation reads (for the progress bar's total)."""
+    names = os.listdir(tag)
+    if any(n.startswith("weights-tp") for n in names):
+        return [n for n in names if n.startswith("weights-tp")]
+    if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names):     # ZeRO-3
+        return [n for n in names if n.endswith("_optim_states.pt") or
+                (n.startswith("zero_pp_rank_0_") and n.endswith("_model_states.pt"))]
+    prefix = "layer_" if pp > 1 else "mp_rank_"
+    return [n for n in names if n.startswith(prefix) and n.endswith("model_states.pt")]
+
+
+def load_training_checkpoint(path: str, step: int | None = None,
+                             progress: bool = False) -> tuple[dict[str, Tensor], ModelConfig, dict]:
+    """(unsharded state dict, model config, braid.json) of a checkpoint saved at any TP/PP/DP layout;
+    `progress`: a bar over the bytes of the files read."""
+    from tqdm import tqdm
+
     tag = resolve_tag(path, step)
     with open(os.path.join(tag, INFO)) as f:
         info = json.load(f)
@@ -127,10 +147,13 @@ def load_training_checkpoint(path: str, step: int | None = None) -> tuple[dict[s
         raise ValueError(f"{os.path.join(tag, INFO)}: no model config or layout (saved by an older Braid)")
     cfg = ModelConfig.from_dict(info["model"])
     tp, pp = info["layout"]["tp"], info["layout"]["pp"]
-    if info.get("weights_only"):             # `braid convert from-hf` output: one file per TP rank
-        shards = [load_weights_only(tag, rank) for rank in range(tp)]
-    else:
-        shards = [_tp_rank_state(tag, cfg, rank, pp, info["layout"].get("dp", 1)) for rank in range(tp)]
+    total = sum(os.path.getsize(os.path.join(tag, name)) for name in _files_read(tag, pp))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="read checkpoint", disable=not progress) as bar:
+        if info.get("weights_only"):             # `braid convert from-hf` output: one file per TP rank
+            shards = [load_weights_only(tag, rank) for rank in range(tp)]
+            bar.update(total)
+        else:
+            shards = [_tp_rank_state(tag, cfg, rank, pp, info["layout"].get("dp", 1), bar) for rank in range(tp)]
     state = merge_tp_shards(shards, cfg) if tp > 1 else shards[0]
     check_state_dict(state, cfg, tag)
     return state, cfg, info

@@ -292,31 +292,30 @@ def check_mamba_format(cfg: ModelConfig) -> None:
                          f"this model has pattern {cfg.pattern!r} and mamba.version={cfg.mamba.version}")
 
 
-def to_mamba_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """HybridLM names -> transformers' MambaForCausalLM names (the mixers already share theirs)."""
+# HybridLM name <-> transformers' MambaForCausalLM name; the mixers already share theirs
+_MAMBA_NAMES = {"embed.weight": "backbone.embeddings.weight", "norm.weight": "backbone.norm_f.weight",
+                "layers.": "backbone.layers."}
+
+
+def _rename(state: dict[str, Tensor], names: dict[str, str]) -> dict[str, Tensor]:
+    """Each name's exact match in `names`, else its prefix ending in '.', replaced; other names kept."""
     out = {}
     for name, tensor in state.items():
-        if name == "embed.weight":
-            name = "backbone.embeddings.weight"
-        elif name == "norm.weight":
-            name = "backbone.norm_f.weight"
-        elif name.startswith("layers."):
-            name = "backbone." + name
+        if name in names:
+            name = names[name]
+        else:
+            prefix = next((p for p in names if p.endswith(".") and name.startswith(p)), None)
+            name = names[prefix] + name.removeprefix(prefix) if prefix else name
         out[name] = tensor
     return out
+
+
+def to_mamba_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return _rename(state, _MAMBA_NAMES)
 
 
 def from_mamba_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for name, tensor in state.items():
-        if name == "backbone.embeddings.weight":
-            name = "embed.weight"
-        elif name == "backbone.norm_f.weight":
-            name = "norm.weight"
-        elif name.startswith("backbone.layers."):
-            name = name.removeprefix("backbone.")
-        out[name] = tensor
-    return out
+    return _rename(state, {theirs: ours for ours, theirs in _MAMBA_NAMES.items()})
 
 
 def mamba_model_config(config: dict[str, Any], where: str) -> ModelConfig:
@@ -349,7 +348,7 @@ def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto
     max_shard_bytes = parse_size(max_shard_size)
     check_output(out_dir, overwrite)
     tag = resolve_tag(source, step)
-    state, cfg, info = load_training_checkpoint(tag)
+    state, cfg, info = load_training_checkpoint(tag, progress=progress)
     if fmt == "mamba":
         check_mamba_format(cfg)
     facts = _run_facts(tag, info)

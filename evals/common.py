@@ -10,7 +10,6 @@ kind, checkpoint step, tokenizer path and sha256, training length), created (UTC
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from data_pipeline.tokenizer import file_sha256, load_tokenizer
 from model import HybridLM, ModelConfig
 
 RESULTS = "results.json"
@@ -46,23 +46,6 @@ class EvalModel:
         return len(self.encode(text))
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_tokenizer_file(path: str) -> Tokenizer:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: tokenizer file missing")
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as err:
-        raise ValueError(f"{path}: not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
-
-
 def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", tokenizer: str | None = None) -> EvalModel:
     """A run directory, a step_* checkpoint folder, or a converted Hugging Face folder -> EvalModel.
@@ -73,26 +56,23 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
     if os.path.isfile(os.path.join(path, "config.json")):
         from conversion.hf import load_hf_folder
         model, facts = load_hf_folder(path)
-        tokenizer_path, eos_id, train_length = facts["tokenizer"], facts["eos_id"], facts["train_length"]
+        own_tokenizer, eos_id, train_length = facts["tokenizer"], facts["eos_id"], facts["train_length"]
         provenance = facts["provenance"]
-        tokenizer_path = tokenizer or tokenizer_path
-        if tokenizer_path is None:
-            raise FileNotFoundError(f"{path}: no tokenizer.json (convert with --tokenizer to ship one)")
     else:
         from conversion.checkpoint import load_training_checkpoint, resolve_tag, run_tokenizer
         tag = resolve_tag(path, step)
         state, cfg, info = load_training_checkpoint(tag)
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag)))
-        tokenizer_path, data = run_tokenizer(run_dir)
-        tokenizer_path = tokenizer or tokenizer_path
-        if tokenizer_path is None:
-            raise FileNotFoundError(f"{run_dir}: no tokenizer found through its config.yaml's data folder")
+        own_tokenizer, data = run_tokenizer(os.path.dirname(os.path.dirname(os.path.abspath(tag))))
         eos_id, train_length = data.get("eos_id"), data.get("seq_len")
         model = HybridLM(cfg)
         model.load_state_dict(state)
         provenance = {"model": os.path.abspath(path), "kind": "checkpoint", "checkpoint": os.path.abspath(tag),
                       "step": info.get("step")}
-    loaded = load_tokenizer_file(tokenizer_path)
+    tokenizer_path = tokenizer or own_tokenizer
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{path}: no tokenizer found (neither a tokenizer.json in the folder nor one named by "
+                                "the run's data folder); pass --tokenizer PATH")
+    loaded = load_tokenizer(tokenizer_path)
     if loaded.get_vocab_size() > model.cfg.vocab_size:
         raise ValueError(f"{tokenizer_path}: tokenizer vocabulary {loaded.get_vocab_size()} is larger than the "
                          f"model's vocab_size {model.cfg.vocab_size} ({path})")
@@ -102,6 +82,14 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
                   "pattern": model.cfg.pattern}
     return EvalModel(model=model, tokenizer=loaded, eos_id=eos_id,
                      train_length=train_length, provenance=provenance)
+
+
+def with_defaults(suite: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A suite's run() options over its defaults; an unknown option is a one-line error naming it."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown option of the {suite} suite (known: {', '.join(defaults)})")
+    return {**defaults, **options}
 
 
 def write_results(out_dir: str, suite: str, scores: dict[str, Any], settings: dict[str, Any],

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import EvalModel, write_results
+from .common import EvalModel, write_results, with_defaults
 
 SUITE = "ppl"
 SMOKE: dict[str, Any] = {"length": 96, "chunk": 24, "samples": 2, "batch_size": 2}
@@ -229,10 +229,7 @@ def plot(scores: dict[str, Any], train_length: int | None, path: str, title: str
 
 def run(lm: EvalModel, out_dir: str, **options: Any) -> dict:
     """Score the windows, write out_dir/results.json and out_dir/ppl.png, return the record."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown option of the ppl suite (known: {', '.join(DEFAULTS)})")
-    options = {**DEFAULTS, **options}
+    options = with_defaults(SUITE, options, DEFAULTS)
     _check(options)
     length, chunk, samples, batch_size = (options[k] for k in ("length", "chunk", "samples", "batch_size"))
     stream, source = load_stream(lm, options["text"], options["data"], length * samples)

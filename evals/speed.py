@@ -29,7 +29,7 @@ import torch
 
 from model import HybridLM, transformer_twin
 
-from .common import EvalModel, write_results
+from .common import EvalModel, write_results, with_defaults
 
 SUITE = "speed"
 SMOKE: dict[str, Any] = {"lengths": [32, 64], "decode_tokens": 4, "repeats": 1, "batch_size": 1,
@@ -176,10 +176,7 @@ def plot(points: dict[str, list[dict[str, Any]]], path: str, title: str) -> None
 
 def run(lm: EvalModel, out_dir: str, **options: Any) -> dict:
     """Measure model and twin at every length; write out_dir/results.json and out_dir/speed.png."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown option of the speed suite (known: {', '.join(DEFAULTS)})")
-    options = {**DEFAULTS, **options}
+    options = with_defaults(SUITE, options, DEFAULTS)
     _check(options)
     model = lm.model.eval()
     param = next(model.parameters())

@@ -132,8 +132,9 @@ def eval_tokenizer_path(tmp_path_factory) -> str:
 @pytest.fixture
 def eval_model(eval_tokenizer_path):
     """An EvalModel: the tiny preset (every sublayer kind, window 8) with random weights and that tokenizer."""
-    from evals.common import EvalModel, load_tokenizer_file
+    from data_pipeline.tokenizer import load_tokenizer
+    from evals.common import EvalModel
     from model import HybridLM
     model = HybridLM(small_preset("tiny", vocab_size=512, max_seq_len=4096)).eval()
-    return EvalModel(model=model, tokenizer=load_tokenizer_file(eval_tokenizer_path), eos_id=0, train_length=64,
+    return EvalModel(model=model, tokenizer=load_tokenizer(eval_tokenizer_path), eos_id=0, train_length=64,
                      provenance={"model": "random tiny (test)", "kind": "test", "tokenizer": eval_tokenizer_path})
