@@ -20,6 +20,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"documents read        {summary['documents_read']:>12,}",
         f"malformed lines       {summary['malformed_lines']:>12,}",
     ]
+    if summary.get("documents_without_text"):
+        lines.append(f"records without text  {summary['documents_without_text']:>12,}  (recipe inputs' text_key)")
     for name, n in summary["dropped"].items():
         lines.append(f"dropped by {name:<11}{n:>12,}")
     lines.append(f"duplicates            {summary['duplicates']:>12,}")
@@ -37,8 +39,9 @@ def run(action: str, recipe_path: str, overrides: list[str]) -> int:
     if action == "tokenizer":
         from data_pipeline.tokenizer import train_from_recipe
         result = train_from_recipe(recipe)
-        print(f"tokenizer: {result['path']} ({result['vocab_size']} tokens, trained on "
-              f"{result['documents']:,} documents in {result['time_s']:.1f}s)")
+        print(f"tokenizer: {result['path']} ({result['vocab_size']} tokens, trained on {result['documents']:,} "
+              f"documents in {result['time_s']:.1f}s: {result['read']:,} read, {result['filtered']:,} dropped by "
+              f"filters, {result['duplicates']:,} duplicates, {result['held_out']:,} held out for validation)")
         return 0
     if action == "prepare":
         from data_pipeline.prepare import prepare

@@ -86,9 +86,43 @@ from streaming.base.hashing import get_hash  # noqa: E402
 from streaming.base.stream import Stream  # noqa: E402
 from streaming.base.util import merge_index  # noqa: E402
 from streaming.base.world import World  # noqa: E402
+from streaming.base.shared import memory as _streaming_memory  # noqa: E402
 
 __all__ = ["MDSWriter", "StreamingDataset", "Stream", "World", "merge_index", "get_hash",
            "get_index_basename", "clean_stale_shared_memory", "hold_shared_memory"]
+
+
+
+_untracked: set[str] = set()     # block names this process has unregistered from its resource tracker
+
+
+def _release_shared_memory(self: _streaming_memory.SharedMemory) -> None:
+    """streaming's `SharedMemory.cleanup` (run at exit), made exact about the resource tracker.
+
+    A process registers every block it creates with its resource tracker (a set of names), and
+    streaming unregisters it by unlinking the name at exit. But `clean_stale_shared_memory` reclaims
+    the blocks of datasets a process has dropped (each validation builds new loaders), and a reused
+    prefix creates a block of the same name again: then one unlink finds the name gone (the block
+    stays registered: the tracker prints "leaked shared_memory" and a "No such file" line per block)
+    or two cleanups unregister one name twice (a KeyError traceback in the tracker). Here each name
+    is unregistered exactly once, whoever removed it.
+    """
+    from multiprocessing import resource_tracker
+    for shm in self.created_shms:
+        shm.close()
+        try:
+            shm.unlink()                 # unregisters too
+            _untracked.add(shm._name)
+        except FileNotFoundError:
+            if shm._name not in _untracked:
+                resource_tracker.unregister(shm._name, "shared_memory")
+                _untracked.add(shm._name)
+    for shm in self.opened_shms:        # attached, never registered (streaming skips it): close only
+        shm.close()
+    self.created_shms, self.opened_shms = [], []
+
+
+_streaming_memory.SharedMemory.cleanup = _release_shared_memory
 
 _SHM_DIR = "/dev/shm"
 # streaming names every shared-memory block "{prefix:06}_{name}" (streaming.base.shared.prefix)

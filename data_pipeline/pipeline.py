@@ -22,13 +22,14 @@ import shutil
 import sys
 from collections.abc import Sequence
 from itertools import chain
+from typing import Any
 
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
 from datatrove.utils.batching import batched
 from datatrove.utils.logging import logger
 from datatrove.utils.word_tokenizers import WordTokenizer
@@ -41,7 +42,47 @@ SPLITS = ("train", "val")
 # ---------------------------------------------------------------------------- readers
 
 
-class BraidJsonlReader(JsonlReader):
+MISSING_TEXT_FIELDS = "missing_text_fields:"     # stat label prefix: the fields of a record without text
+
+
+class CountsMissingText:
+    """Reader mixin: a record without text (a wrong `text_key`) is counted (`missing_text`), and the fields of
+    the first one each task meets are kept as a stat label (`missing_text_fields:a,b,c`), so that an empty
+    corpus can be explained by the key and the fields there are, whichever executor ran the task."""
+
+    _fields_noted = False
+
+    def get_document_from_dict(self, data: dict, source_file: str, id_in_file):
+        fields = None if self._fields_noted else list(data)           # the adapter pops keys out of `data`
+        document = super().get_document_from_dict(data, source_file, id_in_file)
+        if document is None:
+            self.stat_update("missing_text")
+            if fields is not None:
+                self._fields_noted = True
+                self.stat_update(MISSING_TEXT_FIELDS + ",".join(sorted(map(str, fields))))
+        return document
+
+
+def fields_without_text(stats: dict[str, float]) -> list[str]:
+    """The fields found in records without text, from a reader's summed stats."""
+    return sorted({field for key in stats if key.startswith(MISSING_TEXT_FIELDS)
+                   for field in key[len(MISSING_TEXT_FIELDS):].split(",") if field})
+
+
+def check_text_key(recipe: Recipe, totals: dict[str, Any]) -> None:
+    """Inputs from which nothing was read, though records were: a ValueError naming the input's text_key and
+    the fields its records have. `totals` maps each reader label (input0, ...) to its summed stats."""
+    for i, spec in enumerate(recipe.inputs):
+        stats = totals.get(f"input{i}") or {}
+        missing = int(stats.get("missing_text", 0))
+        if missing and not stats.get("documents"):
+            fields = ", ".join(fields_without_text(stats)) or "none"
+            raise ValueError(f"recipe.inputs[{i}].text_key={spec.text_key!r}: none of the {missing:,} records read from "
+                             f"{resolve_path(spec.path)} has that field (fields found: {fields}); set "
+                             f"recipe.inputs[{i}].text_key to the field that holds the text")
+
+
+class BraidJsonlReader(CountsMissingText, JsonlReader):
     """datatrove's JsonlReader, but a malformed line is counted (`malformed_lines`) and reported by file and line."""
 
     name = "🐿 Jsonl (braid)"
@@ -66,8 +107,7 @@ class BraidJsonlReader(JsonlReader):
                             self._malformed(where, line_no, f"a JSON {type(record).__name__}, not an object")
                             continue
                         document = self.get_document_from_dict(record, filepath, line_no - 1)
-                    if document is None:
-                        self.stat_update("missing_text")
+                    if document is None:           # no text under text_key: counted by CountsMissingText
                         continue
                     yield document
             except (UnicodeDecodeError, EOFError, OSError) as err:   # truncated or corrupt (compressed) file
@@ -91,6 +131,14 @@ class TaskFileReader(BraidJsonlReader):
         # a task that kept nothing wrote no file (datatrove opens output files lazily)
         files = [name] if self.data_folder.isfile(name) else []
         yield from self.read_files_shard(files)
+
+
+class BraidParquetReader(CountsMissingText, ParquetReader):
+    """datatrove's ParquetReader, counting records without text."""
+
+
+class BraidSavedDatasetReader(CountsMissingText, HuggingFaceDatasetReader):
+    """datatrove's reader of a `datasets.save_to_disk` folder, counting records without text."""
 
 
 def _exact_glob(name: str) -> str:
@@ -130,15 +178,13 @@ def check_inputs(recipe: Recipe) -> None:
 def build_reader(spec: InputSpec, progress: bool) -> PipelineStep:
     """The datatrove reader for one recipe input (files are shared out between tasks)."""
     if spec.type == "hf_disk":
-        from datatrove.pipeline.readers import HuggingFaceDatasetReader
-        return HuggingFaceDatasetReader(resolve_path(spec.path), load_from_disk=True, text_key=spec.text_key,
-                                        id_key=spec.id_key, doc_progress=progress)
+        return BraidSavedDatasetReader(resolve_path(spec.path), load_from_disk=True, text_key=spec.text_key,
+                                  id_key=spec.id_key, doc_progress=progress)
     folder, pattern, recursive = _folder_and_glob(spec)
     common = dict(glob_pattern=pattern, recursive=recursive, text_key=spec.text_key, id_key=spec.id_key,
                   doc_progress=progress)
     if spec.type == "parquet":
-        from datatrove.pipeline.readers import ParquetReader
-        return ParquetReader(folder, **common)
+        return BraidParquetReader(folder, **common)
     return BraidJsonlReader(folder, compression=spec.compression, **common)
 
 

@@ -10,7 +10,9 @@ Stages, each a datatrove executor with its own completion log in `<output>/.work
 Rerun safety. A rerun skips the tasks datatrove logged as complete; a task that died is redone
 (its MDS folders are written under a temporary name and renamed at the end). The recipe (minus
 executor settings) and the tokenizer's sha256 form a fingerprint kept in `.work/recipe.json` and in
-braid_data.json: a rerun with a different one stops with an error unless `overwrite: true`. Checks
+braid_data.json: a run with a different one stops with an error when the output holds a published
+dataset, unless `overwrite: true`; the unfinished work of another recipe (a run that failed, nothing
+published) is discarded, so a corrected recipe simply runs. Checks
 that can fail (recipe, tokenizer, inputs, an empty corpus) all come before anything under
 `train/`, `val/` or braid_data.json is touched, so a failing run leaves the last good output whole.
 """
@@ -28,8 +30,9 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline.corpus import ensure_corpus
+from data_pipeline.dataset_info import DATA_INFO
 from data_pipeline.pipeline import (SPLITS, MDSTokenWriter, RegexWordTokenizer, TaskFileReader, build_filters,
-                                    build_readers, check_inputs, dedup_content)
+                                    build_readers, check_inputs, check_text_key, dedup_content)
 from data_pipeline.recipe import Recipe, resolve_path
 from data_pipeline.tokenizer import TokenizerInfo, tokenizer_info
 
@@ -64,7 +67,7 @@ class Layout:
 
     @property
     def meta(self) -> str:
-        return os.path.join(self.output, "braid_data.json")
+        return os.path.join(self.output, DATA_INFO)
 
     @property
     def stats(self) -> str:
@@ -133,16 +136,23 @@ def _published_fingerprint(layout: Layout) -> dict | None:
 
 
 def claim_output(layout: Layout, fp: dict, overwrite: bool) -> None:
-    """Refuse to mix outputs of two recipes; with overwrite, start the stages afresh (published data stays)."""
-    for previous in (_read_json(layout.fingerprint_file), _published_fingerprint(layout)):
-        if previous is not None and previous != fp:
-            changed = ", ".join(_changed_keys(previous, fp)[:8])
-            if not overwrite:
-                raise ValueError(f"{layout.output} holds data prepared with a different recipe (changed: {changed}); "
-                                 f"set recipe.output to a new folder, or overwrite=true to replace it")
-            print(f"braid: overwrite: rebuilding {layout.output} (changed: {changed})", file=sys.stderr)
-            shutil.rmtree(layout.work, ignore_errors=True)
-            break
+    """Refuse to replace a published dataset of another recipe (unless overwrite: then the stages start
+    afresh, the published data staying until the new one is complete). The unfinished work of another
+    recipe, with nothing published, is scratch (a run that failed, e.g. on a wrong text_key): it is
+    discarded and the stages start afresh."""
+    published, unfinished = _published_fingerprint(layout), _read_json(layout.fingerprint_file)
+    if published is not None and published != fp:
+        changed = ", ".join(_changed_keys(published, fp)[:8])
+        if not overwrite:
+            raise ValueError(f"{layout.output} holds data prepared with a different recipe (changed: {changed}); "
+                             f"set recipe.output to a new folder, or overwrite=true to replace it")
+        print(f"braid: overwrite: rebuilding {layout.output} (changed: {changed})", file=sys.stderr)
+        shutil.rmtree(layout.work, ignore_errors=True)
+    elif unfinished is not None and unfinished != fp:
+        changed = ", ".join(_changed_keys(unfinished, fp)[:8])
+        print(f"braid: discarding the unfinished preparation in {layout.work} (another recipe; changed: {changed})",
+              file=sys.stderr)
+        shutil.rmtree(layout.work, ignore_errors=True)
     _write_json_atomic(layout.fingerprint_file, fp)
 
 
@@ -296,8 +306,10 @@ def _filter_summary(stage: Stage, totals: dict[str, Counter]) -> dict[str, Any]:
 def check_kept(recipe: Recipe, layout: Layout, info: TokenizerInfo) -> dict[str, Any]:
     """After the filter stage: an empty corpus is an error, raised before any shard is written."""
     stage = build_stages(recipe, layout, info)[0]
-    summary = _filter_summary(stage, stage_totals(layout, stage))
+    totals = stage_totals(layout, stage)
+    summary = _filter_summary(stage, totals)
     if summary["documents_after_filters"] == 0:
+        check_text_key(recipe, totals)          # records read, none with text: name the key and the fields
         dropped = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items() if v) or "none"
         raise ValueError(f"empty corpus: no document survived ({summary['documents_read']} read, "
                          f"{summary['malformed_lines']} malformed lines, dropped by filters: {dropped})")
@@ -384,7 +396,7 @@ def publish(recipe: Recipe, layout: Layout, info: TokenizerInfo, started: float 
         "token_dtype": info.token_dtype,
         "splits": splits,
         "doc_starts_none": L,   # doc_starts of a row in which no document begins (MDS has no empty arrays)
-        "tokenizer": {"path": info.path, "sha256": info.sha256},
+        "tokenizer": {"path": info.path, "sha256": info.sha256, "vocab_size": info.vocab_size},
         "recipe": recipe.resolved_dict(),
         "fingerprint": fingerprint(recipe, info),
         "stats": summary,

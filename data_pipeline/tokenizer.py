@@ -9,6 +9,7 @@ import hashlib
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -38,6 +39,18 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_recorded_tokenizer(path: str, recorded_sha256: str | None, info_path: str | None) -> None:
+    """The tokenizer file named for a dataset must be the one its shards were made with: a file retrained
+    or replaced in place since then (another sha256 than braid_data.json recorded) is a one-line error."""
+    if not recorded_sha256:
+        return
+    actual = file_sha256(path)
+    if actual != recorded_sha256:
+        raise ValueError(f"tokenizer {path} has sha256 {actual[:16]}..., but {info_path} records "
+                         f"{recorded_sha256[:16]}... for the tokenizer the shards were made with (the file was "
+                         "retrained or replaced since); pass --tokenizer with the original file")
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -92,21 +105,46 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str], 
     return tok
 
 
-def _recipe_texts(recipe: Recipe, limit: int | None, counter: list[int]) -> Iterator[str]:
-    # the recipe's own readers (same formats, same malformed-line handling as `prepare`), all inputs in order
-    from data_pipeline.pipeline import build_readers
-    for reader in build_readers(recipe, progress=False):
-        for doc in reader.run(None, rank=0, world_size=1):
-            if limit is not None and counter[0] >= limit:
+def _recipe_texts(recipe: Recipe, readers: list, limit: int | None, counts: Counter) -> Iterator[str]:
+    """The texts `braid data prepare` would tokenize into the training split, in input order: the recipe's
+    readers (same formats, same malformed-line handling), its filters, exact dedup (the first copy of a text
+    kept), and the validation documents held out. A `minhash` recipe is deduplicated exactly here: its
+    near-duplicate clusters need the whole corpus's signatures first."""
+    from data_pipeline.pipeline import build_filters, in_validation
+    filters = [step for _, step in build_filters(recipe)]
+    dedup = recipe.dedup.method != "none"
+    seen: set[bytes] = set()
+    for reader in readers:
+        docs = _counted(reader.run(None, rank=0, world_size=1), counts, "read")
+        for step in filters:
+            docs = step.run(docs, rank=0, world_size=1)
+        for doc in _counted(docs, counts, "kept"):
+            if dedup:
+                key = hashlib.blake2b(doc.text.encode("utf-8"), digest_size=16).digest()
+                if key in seen:
+                    counts["duplicates"] += 1
+                    continue
+                seen.add(key)
+            if in_validation(doc.text, recipe.validation):
+                counts["held_out"] += 1
+                continue
+            if limit is not None and counts["documents"] >= limit:
                 return
-            counter[0] += 1
+            counts["documents"] += 1
             yield doc.text
 
 
+def _counted(docs: Iterable, counts: Counter, key: str) -> Iterator:
+    for doc in docs:
+        counts[key] += 1
+        yield doc
+
+
 def train_from_recipe(recipe: Recipe) -> dict:
-    """`braid data tokenizer`: train on the recipe's inputs and write tokenizer.json (atomically)."""
+    """`braid data tokenizer`: train on the documents the recipe keeps (after its filters and dedup, the
+    validation split held out) and write tokenizer.json (atomically)."""
     from data_pipeline.corpus import ensure_corpus
-    from data_pipeline.pipeline import check_inputs
+    from data_pipeline.pipeline import build_readers, check_inputs, check_text_key
 
     spec = recipe.tokenizer
     if spec.vocab_size is None:
@@ -114,11 +152,16 @@ def train_from_recipe(recipe: Recipe) -> dict:
     specials = list(dict.fromkeys([spec.eos_token, spec.pad_token, *spec.extra_special_tokens]))
     ensure_corpus(recipe)
     check_inputs(recipe)
-    start, counter = time.perf_counter(), [0]
-    tok = train_bpe(_recipe_texts(recipe, spec.max_documents, counter), spec.vocab_size, specials,
+    start, counts = time.perf_counter(), Counter()
+    readers = build_readers(recipe, progress=False)                # their stats explain an empty result
+    tok = train_bpe(_recipe_texts(recipe, readers, spec.max_documents, counts), spec.vocab_size, specials,
                     spec.min_frequency, show_progress=sys.stderr.isatty())
-    if counter[0] == 0:
-        raise ValueError("no documents to train the tokenizer on: the recipe's inputs are empty")
+    if counts["documents"] == 0:
+        check_text_key(recipe, {f"input{i}": {k: v.total for k, v in reader.stats.stats.items()}
+                                for i, reader in enumerate(readers)})
+        raise ValueError(f"no documents to train the tokenizer on: {counts['read']:,} read, {counts['kept']:,} kept "
+                         f"by the filters, {counts['duplicates']:,} duplicates, {counts['held_out']:,} held out for "
+                         "validation")
     got = tok.get_vocab_size(with_added_tokens=True)
     if got != spec.vocab_size:
         print(f"braid: warning: the corpus only supports {got} tokens, not {spec.vocab_size}", file=sys.stderr)
@@ -127,5 +170,7 @@ def train_from_recipe(recipe: Recipe) -> dict:
     tmp = f"{path}.tmp{os.getpid()}"
     tok.save(tmp)
     os.replace(tmp, path)
-    return {"path": path, "vocab_size": got, "documents": counter[0], "special_tokens": specials,
-            "sha256": file_sha256(path), "time_s": round(time.perf_counter() - start, 2)}
+    return {"path": path, "vocab_size": got, "documents": counts["documents"], "read": counts["read"],
+            "filtered": counts["read"] - counts["kept"], "duplicates": counts["duplicates"],
+            "held_out": counts["held_out"], "special_tokens": specials, "sha256": file_sha256(path),
+            "time_s": round(time.perf_counter() - start, 2)}

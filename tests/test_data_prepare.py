@@ -362,6 +362,51 @@ def test_tokenizer_training_offline(tmp_path, monkeypatch):
     assert tok.decode(tok.encode(text).ids) == text
 
 
+def test_tokenizer_trains_on_what_prepare_keeps(tmp_path):
+    """The tokenizer sees the documents `prepare` tokenizes: after the filters and dedup, validation held out."""
+    from data_pipeline.tokenizer import train_from_recipe
+    corpus = make_corpus(tmp_path / "corpus", n_good=60)
+    # junk the pattern filter drops, so frequent that a tokenizer trained on it would learn it as one token
+    with open(tmp_path / "corpus" / "d.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"id": f"junk-{i}", "text": "Zyxwvquartz " * 40 + _prose(random.Random(i), 30, f"j{i}")})
+                    + "\n")
+    tok_path = tmp_path / "tok" / "tokenizer.json"
+    recipe = load_recipe(write_recipe(tmp_path, str(tok_path), tokenizer={"vocab_size": 400},
+                                      filters={"patterns": {"text_patterns": ["BUY CHEAP PILLS", "Zyxwvquartz"]}}))
+    result = train_from_recipe(recipe)
+    assert len(load_tokenizer(str(tok_path)).encode(" Zyxwvquartz").ids) > 1       # never seen as a word
+    summary = prepare(recipe)
+    assert result["read"] == summary["documents_read"] == corpus["read"] + 60          # the junk file too
+    assert result["filtered"] == sum(summary["dropped"].values()) >= 60
+    assert result["duplicates"] == summary["duplicates"] == corpus["duplicates"]
+    assert result["documents"] == summary["splits"]["train"]["documents"]            # the training split exactly
+    assert result["held_out"] == summary["splits"]["val"]["documents"]
+
+
+def test_a_wrong_text_key_names_the_key_and_the_fields_and_the_corrected_rerun_runs(tmp_path, tokenizer_path, capsys):
+    (tmp_path / "corpus").mkdir()
+    docs = _prose_docs(40, seed=8)
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"id": i, "content": t, "url": "u"}) + "\n"
+                                                         for i, t in enumerate(docs)))
+    recipe = write_recipe(tmp_path, tokenizer_path, executor={"tasks": 1})
+    assert braid(["data", "prepare", recipe]) == 2
+    line = _error_line(capsys)
+    assert line == (f"braid: error: recipe.inputs[0].text_key='text': none of the 40 records read from "
+                    f"{tmp_path / 'corpus'} has that field (fields found: content, id, url); set "
+                    "recipe.inputs[0].text_key to the field that holds the text")
+    assert braid(["data", "tokenizer", recipe, f"tokenizer.path={tmp_path / 'tok.json'}",
+                  "tokenizer.vocab_size=300"]) == 2
+    assert "recipe.inputs[0].text_key='text': none of the 40 records read" in _error_line(capsys)
+    # the failed run's unfinished work does not block the corrected recipe
+    fixed = write_recipe(tmp_path, tokenizer_path, executor={"tasks": 1},
+                         inputs=[{"type": "jsonl", "path": str(tmp_path / "corpus"), "text_key": "content"}])
+    assert braid(["data", "prepare", fixed]) == 0, capsys.readouterr().err[-2000:]
+    assert "discarding the unfinished preparation" in capsys.readouterr().err
+    info = json.loads((tmp_path / "out" / "braid_data.json").read_text())
+    assert info["stats"]["documents_read"] == 40 and info["tokenizer"]["vocab_size"] == 400
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

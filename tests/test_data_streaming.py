@@ -345,3 +345,24 @@ def test_stale_shared_memory_from_killed_run(rows_dir, tmp_path):
 
 if __name__ == "__main__":     # a rank of the multi-process tests above
     _rank_worker(json.loads(sys.argv[1]))
+
+
+def test_reclaimed_shared_memory_is_not_reported_leaked_at_exit():
+    """Blocks of a dropped dataset reclaimed by clean_stale_shared_memory (the name unlinked under its creator),
+    and a prefix reused for a new block of the same name: the process exits without the resource tracker's
+    "leaked shared_memory" warnings, "No such file" lines or KeyError tracebacks."""
+    code = """
+import os
+import data_pipeline.mds  # noqa: F401  (streaming, as Braid loads it)
+from streaming.base.shared.memory import SharedMemory
+name = f"braidtest_{os.getpid()}"
+a = SharedMemory(name=name, create=True, size=64)
+os.unlink("/dev/shm/" + name)                          # reclaimed while its creator lives
+b = SharedMemory(name=name, create=True, size=64)      # the name reused by a new block
+c = SharedMemory(name=name + "_x", create=True, size=64)
+os.unlink("/dev/shm/" + name + "_x")
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
