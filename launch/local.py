@@ -1,6 +1,6 @@
 """`braid launch local CONFIG --nproc N [k=v ...]`: `braid train` as N ranks under torchrun on this machine.
 
-torchrun (`--standalone`: a rendezvous on a free local port) starts the ranks; each reads RANK,
+torchrun (launch.torchrun; `--standalone`: a rendezvous on a free local port) starts the ranks; each reads RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT and joins with nccl on GPUs, gloo on CPU
 (DS_ACCELERATOR=cpu). SIGTERM or SIGUSR1 to this launcher is passed to the ranks as SIGUSR1: they save
 a checkpoint at the next step boundary and stop, and the launcher exits with REQUEUE_EXIT_CODE; running
@@ -18,6 +18,7 @@ import psutil
 
 from launch import owner
 from launch.config_io import load_config
+from launch.threads import threads_per_rank
 
 
 def load_train_config(config_path: str, overrides: list[str]) -> tuple[dict[str, Any], Any]:
@@ -48,7 +49,7 @@ def rank_environment(nproc: int, gpus: int) -> dict[str, str]:
     if gpus == 0:
         env.setdefault("DS_ACCELERATOR", "cpu")
     # torchrun sets 1 thread per rank when it starts several; a fair share of the cores is faster on CPU
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     return env
 
 
@@ -76,10 +77,12 @@ def launch_local(config_path: str, nproc: int, overrides: list[str]) -> int:
     check_process_layout(cfg, 1, nproc, "--nproc")
     owner.claim_for_this_process(cfg.run_dir)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "launch.torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}",
            "-m", "launch.cli", "train", config_path, *overrides]
-    print(f"braid: {nproc} rank(s) on {'GPU (nccl)' if gpus else 'CPU (gloo)'}: {' '.join(cmd[1:])}", flush=True)
-    torchrun = subprocess.Popen(cmd, env=rank_environment(nproc, gpus))
+    env = rank_environment(nproc, gpus)
+    print(f"braid: {nproc} rank(s) on {'GPU (nccl)' if gpus else 'CPU (gloo)'}, {env['OMP_NUM_THREADS']} thread(s) "
+          f"each: {' '.join(cmd[1:])}", flush=True)
+    torchrun = subprocess.Popen(cmd, env=env)
     stop: dict[str, Any] = {}
 
     def forward(signum, frame) -> None:

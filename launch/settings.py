@@ -13,12 +13,14 @@ environment lines); `braid launch slurm` reads it from a training config's `laun
         time: null              # --time, any Slurm format (MM, HH:MM:SS, D-HH:MM, ...); null: the partition's
         account: null           # --account
         qos: null               # --qos
-        cpus_per_task: null     # --cpus-per-task (one task per node runs torchrun and all its ranks)
+        cpus_per_task: null     # --cpus-per-task: one task per node runs torchrun and all its ranks (null:
+                                #   GPU jobs take whole nodes, --exclusive; CPU jobs one CPU per rank)
         job_name: null          # --job-name (null: the run directory's name)
         setup: []               # shell lines run on the first node before the job starts, e.g.
                                 #   ["source /opt/braid/.venv/bin/activate", "module load cuda/12.4"]
         env: {}                 # exported variables, e.g. {NCCL_DEBUG: WARN, NCCL_SOCKET_IFNAME: ib0}
-        sbatch_args: {}         # further #SBATCH options, e.g. {exclusive: true, mem: 0}
+        sbatch_args: {}         # further #SBATCH options, e.g. {exclusive: true, mem: 0}; without a mem,
+                                #   mem-per-cpu or mem-per-gpu the training script asks for --mem=0 (all)
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ RESERVED_OPTIONS = {
     "open-mode": "braid launch slurm (append)", "requeue": "braid launch slurm", "no-requeue": "braid launch slurm",
     "signal": "launch.signal_seconds",
 }
+MEMORY_OPTIONS = {"mem", "mem-per-cpu", "mem-per-gpu"}
 _MAX_SIGNAL_SECONDS = 65535              # sbatch's limit for --signal=...@seconds
 
 
@@ -71,12 +72,21 @@ def render_script(launch: LaunchConfig, run_dir: str, nodes: int, per_node: int,
     if request_gpus:
         options["gpus-per-node"] = str(per_node)
     options.update(slurm.sbatch_options())
+    # One task per node runs torchrun and every rank of the node, so it needs their CPUs and memory
+    # (Slurm's default is one CPU and the site's default memory per task).
+    cpus = slurm.cpus_per_task or (None if request_gpus else per_node)
+    if cpus is not None:
+        options["cpus-per-task"] = str(cpus)            # GPU jobs without a count: whole nodes (below)
+    elif "exclusive" not in slurm.sbatch_args:         # exclusive: false keeps shared nodes
+        options["exclusive"] = None
+    if not MEMORY_OPTIONS & set(options):
+        options["mem"] = "0"                             # all of each node's memory
     options.update({"chdir": workdir, "output": os.path.join(directory, "slurm-%j.out"), "open-mode": "append",
                     "requeue": None, "signal": f"B:USR1@{launch.signal_seconds}"})
     header = [f"#SBATCH --{name}" if value is None else f"#SBATCH --{name}={value}" for name, value in options.items()]
     environment = slurm.environment_lines()
     q = shlex.quote
-    cpus = f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task else ""
+    step_cpus = f" --cpus-per-task={cpus}" if cpus is not None else " --whole"
     lines = [
         "#!/bin/bash",
         f"# Written by `braid launch slurm`. `sbatch {q(os.path.join(directory, SCRIPT_NAME))}` resubmits it; "
@@ -115,9 +125,11 @@ def render_script(launch: LaunchConfig, run_dir: str, nodes: int, per_node: int,
         'if [ "$PREEMPTED" = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi   # signalled before the start',
         "# one task per node. torchrun ignores USR1: Slurm signals every process of the step, and torchrun would",
         "# die of it; the ranks catch it. --kill-on-bad-exit=0: a node that stops first must not cut rank 0's save",
-        *(["# (srun does not take --cpus-per-task from sbatch since Slurm 22.05)"] if slurm.cpus_per_task else []),
-        f"srun --ntasks-per-node=1{cpus} --kill-on-bad-exit=0 bash -c 'trap \"\" USR1; exec \"$BRAID_PYTHON\" "
-        "-m torch.distributed.run \\",
+        "# The task gets its CPUs explicitly (since Slurm 22.05 srun does not take --cpus-per-task from sbatch;",
+        "# --whole: all of the node's), and each rank an equal share of them as threads unless OMP_NUM_THREADS is set",
+        f"srun --ntasks-per-node=1{step_cpus} --kill-on-bad-exit=0 bash -c 'trap \"\" USR1; "
+        f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(\"$BRAID_PYTHON\" -m launch.threads {per_node})}}; "
+        "exec \"$BRAID_PYTHON\" -m launch.torchrun \\",
         f'    --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node={per_node} \\',
         '    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \\',
         "    -m launch.cli train \"$BRAID_CONFIG\"' &",

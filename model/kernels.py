@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import warnings
+import logging
+import os
 
 import torch
+
+logger = logging.getLogger("braid.kernels")
 
 # library key -> (module to import, pip name)
 KERNEL_LIBRARIES = {
@@ -36,7 +39,10 @@ def kernel_importable(library: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
+    """One log line per distinct message and process, on rank 0 only (every rank falls back alike): a
+    Python warning would print the calling source line under it, at every forward's first call site."""
+    if os.environ.get("RANK", "0") == "0":
+        logger.warning(message)
 
 
 def kernel(module: str, name: str):
@@ -64,5 +70,8 @@ def use_kernel(mode: str, libraries: tuple[str, ...], device: torch.device) -> b
     if mode == "cuda":
         raise KernelUnavailable(f"model.kernels=cuda: {'/'.join(libraries)} {reason}; "
                                 "use model.kernels=auto or reference to run the PyTorch path")
-    _warn_once(f"model.kernels=auto: {'/'.join(libraries)} {reason}; using the PyTorch reference path")
+    if device.type != "cuda":           # the same for every kernel family: one line says it
+        _warn_once(f"model.kernels=auto: {reason}; every block runs its PyTorch reference path")
+    else:
+        _warn_once(f"model.kernels=auto: {'/'.join(libraries)} {reason}; using the PyTorch reference path")
     return False

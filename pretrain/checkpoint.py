@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed tags plus what DeepSpeed does not know (loader position, RNG, config).
 
     RUN_DIR/checkpoints/step_00000200/   one tag per save (DeepSpeed model/optimizer/scheduler shards,
-                                         one set per rank) and braid.json: step, rank layout, model config
+                                         one set per rank) and braid.json: step, rank layout, model config,
+                                         tokens seen
     RUN_DIR/checkpoints/latest           the newest *complete* tag, replaced atomically after a save
 
 A run can also start from weights alone (`braid convert from-hf`): step_00000000 then holds
@@ -68,7 +69,8 @@ def save(engine, run_dir: str, step: int, client_state: dict[str, Any], keep: in
     if not dist.is_initialized() or dist.get_rank() == 0:
         with open(os.path.join(root, tag, INFO), "w") as f:
             json.dump({"step": step, "layout": client_state.get("layout"),
-                       "model": client_state.get("config", {}).get("model")}, f)
+                       "model": client_state.get("config", {}).get("model"),
+                       "tokens_seen": client_state.get("tokens_seen")}, f)
         _point_latest(root, tag)
         tags = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.isdir(os.path.join(root, t)))
         for old in [t for t in tags[:-keep] if t not in protect]:
@@ -130,6 +132,58 @@ def load_weights_only(tag_dir: str, tp_rank: int) -> dict[str, torch.Tensor]:
     return state
 
 
+# Model fields a resumed run may change: how the same weights run, and the informational training length.
+# Any other field would train another model from the saved weights (or fail to load them).
+RESUMABLE_MODEL_FIELDS = ("kernels", "max_seq_len")
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def model_changes(saved: dict[str, Any], ours: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, this config's value) for every model field that differs, nested fields by
+    their dotted name (attn.window), RESUMABLE_MODEL_FIELDS left out."""
+    a, b = _flat(saved), _flat(ours)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_MODEL_FIELDS and a.get(k) != b.get(k)]
+
+
+def resume_point(run_dir: str, layout: dict[str, int], model: dict[str, Any] | None) -> dict[str, Any] | None:
+    """braid.json of the checkpoint a run would resume from (None: a fresh start or weights only), checked
+    before anything is built: the same rank layout, and (unless `model` is None) the same model config
+    except RESUMABLE_MODEL_FIELDS."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    tag_dir = os.path.join(checkpoint_dir(run_dir), tag)
+    if not os.path.isdir(tag_dir):
+        raise FileNotFoundError(f"{os.path.join(checkpoint_dir(run_dir), LATEST)} names {tag}, which is missing; "
+                                "point it at a complete step_* folder or remove it to start fresh")
+    info = _read_info(tag_dir)
+    if info.get("weights_only"):
+        return None
+    saved = info.get("layout")
+    if saved is not None and saved != layout:
+        raise ValueError(f"checkpoint {tag_dir} was saved with {_show(saved)}, this run has "
+                         f"{_show(layout)}: resume with the same parallel.tp/pp and number of ranks")
+    changed = model_changes(info["model"], model) if info.get("model") and model is not None else []
+    if changed:
+        key, theirs, ours = changed[0]
+        more = f" (and {len(changed) - 1} more field{'s' if len(changed) > 2 else ''})" if len(changed) > 1 else ""
+        raise ValueError(f"checkpoint {tag_dir} was saved with model.{key}={theirs!r}, this run's config has "
+                         f"model.{key}={ours!r}{more}: a resumed run keeps its model (only model."
+                         f"{' and model.'.join(RESUMABLE_MODEL_FIELDS)} may change); set it back, or train in a "
+                         "new run_dir (from these weights: braid convert to-hf, then from-hf)")
+    return info
+
+
 def initial_weights(run_dir: str, layout: dict[str, int], tp_rank: int, model: dict[str, Any]) -> dict | None:
     """This rank's starting weights when `latest` is a weights-only checkpoint, else None.
 
@@ -145,33 +199,20 @@ def initial_weights(run_dir: str, layout: dict[str, int], tp_rank: int, model: d
     if info["layout"]["tp"] != layout["tp"]:
         raise ValueError(f"checkpoint {tag_dir} holds weights split for tp={info['layout']['tp']}, this run has "
                          f"tp={layout['tp']}: convert again with `braid convert from-hf ... --tp {layout['tp']}`")
-    ignored = ("kernels", "max_seq_len")          # how to run and how long it trained: not the weights
-    saved = {k: v for k, v in info["model"].items() if k not in ignored}
-    ours = {k: v for k, v in model.items() if k not in ignored}
-    for key in sorted(set(saved) | set(ours)):
-        if saved.get(key) != ours.get(key):
-            raise ValueError(f"checkpoint {tag_dir} was converted for model.{key}={saved.get(key)!r}, this run's "
-                             f"config has model.{key}={ours.get(key)!r}")
+    changed = model_changes(info["model"], model)
+    if changed:
+        key, theirs, ours = changed[0]
+        raise ValueError(f"checkpoint {tag_dir} was converted for model.{key}={theirs!r}, this run's config "
+                         f"has model.{key}={ours!r}")
     return load_weights_only(tag_dir, tp_rank)
 
 
 def load_latest(engine, run_dir: str, layout: dict[str, int]) -> dict[str, Any] | None:
     """Restore model, optimizer and scheduler from `latest`; returns its client state (None: fresh run).
-    The checkpoint must have been saved with the same rank `layout` (tp, pp, dp)."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        return None
-    root = checkpoint_dir(run_dir)
-    if not os.path.isdir(os.path.join(root, tag)):
-        raise FileNotFoundError(f"{os.path.join(root, LATEST)} names {tag}, which is missing; "
-                                "point it at a complete step_* folder or remove it to start fresh")
-    info = _read_info(os.path.join(root, tag))
-    if info.get("weights_only"):
-        return None                      # loaded into the model before DeepSpeed wrapped it (initial_weights)
-    saved = info.get("layout")
-    if saved is not None and saved != layout:
-        raise ValueError(f"checkpoint {os.path.join(root, tag)} was saved with {_show(saved)}, this run has "
-                         f"{_show(layout)}: resume with the same parallel.tp/pp and number of ranks")
+    Call `resume_point` first: it checks the rank layout and the model config against the checkpoint's."""
+    if resume_point(run_dir, layout, None) is None:
+        return None                      # a fresh run, or weights only (loaded by initial_weights)
+    root, tag = checkpoint_dir(run_dir), latest_tag(run_dir)
     try:
         path, client = engine.load_checkpoint(root, tag=tag)
     except Exception as err:                   # a truncated or foreign file: say which checkpoint

@@ -7,13 +7,16 @@
     data:
       train: [{path: data/tiny/train, proportion: null}]   # one or more MDS streams (mixture)
       val: data/tiny/val                  # null: no validation
-      seq_len: 256                        # rows must hold seq_len + 1 tokens
-      micro_batch: 8                      # sequences per rank per micro-step
+      seq_len: 256                        # rows must hold seq_len + 1 tokens (recipe shards.row_length)
+      micro_batch: 8                      # sequences per data-parallel rank per micro-step
+      global_batch: null                  # sequences per optimizer step over all ranks; when set, grad_accum
+                                          #   = global_batch / (micro_batch x data-parallel ranks), so more
+                                          #   ranks change the accumulation, not the tokens per step
     optim: {lr: 4e-4, weight_decay: 0.1, betas: [0.9, 0.95], eps: 1e-8, grad_clip: 1.0}
     schedule: {name: cosine, warmup_fraction: 0.01, min_lr_ratio: 0.1}   # pretrain.schedule.ScheduleConfig
     train:
       max_steps: 1000                     # optimizer steps
-      grad_accum: 1
+      grad_accum: null                    # micro-steps per optimizer step (null: from data.global_batch, else 1)
       log_every: 10
       val_every: 0                        # steps between validations (0: never); also at the end
       val_samples: 32                     # sequences per length, from the start of the val stream
@@ -63,6 +66,7 @@ class DataConfig:
     val: str | None = None
     seq_len: int = 256
     micro_batch: int = 8
+    global_batch: int | None = None
 
 
 @dataclass
@@ -77,7 +81,7 @@ class OptimConfig:
 @dataclass
 class LoopConfig:
     max_steps: int = 1000
-    grad_accum: int = 1
+    grad_accum: int | None = None
     log_every: int = 10
     val_every: int = 0
     val_samples: int = 32
@@ -182,12 +186,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"data.seq_len": self.data.seq_len, "data.micro_batch": self.data.micro_batch,
-                    "train.max_steps": self.train.max_steps, "train.grad_accum": self.train.grad_accum,
-                    "train.log_every": self.train.log_every, "checkpoint.keep": self.checkpoint.keep,
-                    "train.max_nonfinite": self.train.max_nonfinite}
-        for name, value in positive.items():
+                    "train.max_steps": self.train.max_steps, "train.log_every": self.train.log_every,
+                    "checkpoint.keep": self.checkpoint.keep, "train.max_nonfinite": self.train.max_nonfinite}
+        optional = {"data.global_batch": self.data.global_batch, "train.grad_accum": self.train.grad_accum}
+        for name, value in [*positive.items(), *((k, v) for k, v in optional.items() if v is not None)]:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        if "swa" in self.model.layer_types and self.model.attn.window > self.data.seq_len:
+            # the window would never slide in training, and at inference it would reach distances never trained
+            raise ConfigError(f"model.attn.window={self.model.attn.window} is longer than data.seq_len="
+                              f"{self.data.seq_len}: every S layer would train as full attention; set "
+                              f"model.attn.window <= {self.data.seq_len} (or train on longer sequences)")
         if not self.data.train:
             raise ConfigError("data.train: needs at least one stream ({path: ...})")
         if self.train.val_every and not self.data.val:
@@ -205,6 +214,28 @@ class TrainConfig:
         for name in ("tp", "pp"):
             if not isinstance(getattr(self.parallel, name), int) or getattr(self.parallel, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self.parallel, name)!r}: must be a positive integer")
+
+    def batch_plan(self, dp: int) -> tuple[int, int]:
+        """(grad_accum, global_batch) with `dp` data-parallel ranks: the global batch, when given, fixes the
+        sequences per optimizer step and the accumulation follows from it; without one the accumulation
+        (default 1) does and the global batch follows. A ConfigError names every number when they disagree."""
+        micro, accum, global_batch = self.data.micro_batch, self.train.grad_accum, self.data.global_batch
+        per_micro_step = micro * dp
+        ranks = f"{dp} data-parallel rank{'s' if dp > 1 else ''}"
+        if global_batch is None:
+            accum = accum or 1
+            return accum, per_micro_step * accum
+        if accum is None:
+            if global_batch % per_micro_step:
+                raise ConfigError(f"data.global_batch={global_batch} is not a multiple of data.micro_batch={micro} "
+                                  f"x {ranks} = {per_micro_step}: pick a data.micro_batch that divides "
+                                  f"{global_batch} / {dp} (the accumulation is derived from them)")
+            return global_batch // per_micro_step, global_batch
+        if per_micro_step * accum != global_batch:
+            raise ConfigError(f"data.global_batch={global_batch} but data.micro_batch={micro} x train.grad_accum={accum} "
+                              f"x {ranks} = {per_micro_step * accum}: leave train.grad_accum unset (it is derived "
+                              "from the global batch) or make them agree")
+        return accum, global_batch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

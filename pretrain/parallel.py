@@ -60,7 +60,8 @@ def check_pipeline_stages(model: ModelConfig, pp: int) -> None:
 
 
 def plan_layout(cfg: TrainConfig, world: int) -> Layout:
-    """The layout of `world` ranks for cfg.parallel, or a ConfigError naming the numbers."""
+    """The layout of `world` ranks for cfg.parallel (and a global batch that splits over its data-parallel
+    ranks), or a ConfigError naming the numbers."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if tp > 1:
         from model.sharding import check_tensor_parallel
@@ -72,7 +73,9 @@ def plan_layout(cfg: TrainConfig, world: int) -> Layout:
                               "DeepSpeed's pipeline engine takes ZeRO stage 1 only")
     if world % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the {world} ranks")
-    return Layout(tp=tp, pp=pp, dp=world // (tp * pp))
+    layout = Layout(tp=tp, pp=pp, dp=world // (tp * pp))
+    cfg.batch_plan(layout.dp)               # the global batch splits over these data-parallel ranks
+    return layout
 
 
 def loss_fn(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -97,6 +100,7 @@ class ParallelEngine:
         self.cfg, self.layout = cfg, layout
         coords = layout.coords(rank)
         self.dp_rank, self.dp_world = coords["dp"], layout.dp
+        self.grad_accum, _ = cfg.batch_plan(layout.dp)
         self.loss = tensor_parallel_loss if layout.tp > 1 else loss_fn
 
         torch.manual_seed(cfg.seed)
@@ -126,7 +130,7 @@ class ParallelEngine:
 
     def train_step(self, batches: Iterator[dict[str, Tensor]]) -> Tensor:
         """One optimizer step over grad_accum micro-batches; the mean loss, left on the device."""
-        accum = self.cfg.train.grad_accum
+        accum = self.grad_accum
         if self.pipelined:
             # Only the first and last stage read data; the others draw theirs too, so that every
             # rank's loader (saved in its checkpoint) is at the same place.

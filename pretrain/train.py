@@ -29,11 +29,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
 
 from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader, build_val_loader
+from model.kernels import use_kernel
+
 from . import checkpoint
 from .config import TrainConfig, train_config
 from .evals_hook import EvalHook
 from .flops import device_peak_flops, mfu
 from .parallel import ParallelEngine, plan_layout
+from .preflight import check_data, startup_lines
 
 REQUEUE_EXIT_CODE = 75          # EX_TEMPFAIL: preempted after a clean checkpoint; requeue me
 
@@ -50,10 +53,10 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         # bf16 on GPU; check_grad_overflow makes ZeRO skip a step whose gradients are not finite
@@ -64,18 +67,30 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (preemption) set a flag; the loop saves at the next step boundary."""
+    """SIGTERM / SIGUSR1 (preemption) set a flag; the loop saves at the next step boundary.
+
+    `catch()` installs the handler first thing (`run`), so a signal that comes while the rank is still
+    starting (imports, process group, loader) is kept for the first step boundary instead of killing it."""
+
+    received: int | None = None
+
+    @classmethod
+    def catch(cls) -> None:
+        def handle(signum, frame) -> None:
+            cls.received = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handle)
 
     def __init__(self, world: int) -> None:
-        self.signal: int | None = None
         self.world = world
         # The flag is reduced on the host (gloo) so that asking costs no device sync under nccl.
         self.group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):    # train() called without run()
+            self.catch()
 
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
+    @property
+    def signal(self) -> int | None:
+        return StopRequest.received
 
     def agreed(self) -> bool:
         """True on every rank once any rank was signalled: ranks may get the signal at different
@@ -184,7 +199,14 @@ def validate(engine: ParallelEngine, cfg: TrainConfig) -> dict[str, float]:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    layout = plan_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))    # before any process group
+    from launch.threads import configure_threads
+
+    # Everything that can be checked against the disk is, before any process group or model exists.
+    layout = plan_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    grad_accum, global_batch = cfg.batch_plan(layout.dp)
+    streams = check_data(cfg, layout.tp)
+    resume = checkpoint.resume_point(cfg.run_dir, layout.to_dict(), cfg.model.to_dict())
+    threads = configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     rank, world = init_distributed()
     os.makedirs(cfg.run_dir, exist_ok=True)
     if rank == 0:
@@ -192,28 +214,41 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     initial = checkpoint.initial_weights(cfg.run_dir, layout.to_dict(), layout.coords(rank)["tp"],
                                          cfg.model.to_dict())
-    engine = ParallelEngine(cfg, layout, rank, deepspeed_config(cfg), initial_state=initial)
+    engine = ParallelEngine(cfg, layout, rank, deepspeed_config(cfg, grad_accum), initial_state=initial)
     loader = build_train_loader(
         LoaderConfig(streams=[StreamSource(path=s.path, proportion=s.proportion) for s in cfg.data.train],
                      seq_len=cfg.data.seq_len, batch_size=cfg.data.micro_batch, seed=cfg.seed),
         dp_rank=engine.dp_rank, dp_world_size=engine.dp_world)
 
     step = 0
+    tokens_per_step = global_batch * cfg.data.seq_len
     resumed = checkpoint.load_latest(engine.ds, cfg.run_dir, layout.to_dict())
     if resumed is not None:
         step = resumed["step"]
         loader.load_state_dict(resumed["loader"])
+    # tokens read so far: a run resumed with another global batch keeps its own count
+    tokens_seen = int(resumed.get("tokens_seen", step * tokens_per_step)) if resumed else 0
+    if rank == 0:
+        where = _last_checkpoint(cfg.run_dir) if resumed is not None else None
+        for line in startup_lines(cfg, layout, streams, grad_accum, global_batch, threads,
+                                  step if resumed is not None else None, where,
+                                  weights=_last_checkpoint(cfg.run_dir) if initial is not None else None):
+            print(f"braid: {line}", flush=True)
 
+    if rank == 0 and cfg.model.kernels == "auto" and not torch.cuda.is_available():
+        use_kernel("auto", (), torch.device("cpu"))    # its one fallback line now, not inside the progress bar
     stop = StopRequest(world)
     metrics = MetricsLog(cfg, active=rank == 0, resumed_step=step)
     evals = EvalHook(cfg, active=rank == 0, log=metrics.log)
     evals.collect()                     # results that finished since the last invocation (slurm mode)
     evals.catch_up(step)                # the resumed checkpoint's evals, if a preemption skipped them
     peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * layout.dp
     batches = loader.batches()
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     window_start, window_tokens = time.perf_counter(), 0
+    # the logged loss is the mean over the steps since the last record (the skipped ones left out), as
+    # Megatron averages over its log interval: one step's loss is a noisy sample of the curve
+    interval_loss, interval_steps = torch.zeros((), dtype=torch.float64), 0
     nonfinite_run = 0                   # non-finite steps in a row, each skipped by ZeRO's optimizer
     exit_code = 0
     end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
@@ -221,6 +256,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         while step < end:
             step_loss = engine.train_step(batches)      # stays on the device: no host sync per step
             step += 1
+            tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             progress.update(1)
             # ZeRO's optimizer all-reduces the overflow check, so every rank sees the same answer.
@@ -229,23 +265,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 raise TrainingDiverged(f"step {step}: non-finite gradients, and ZeRO-3 in fp32 cannot skip a step; "
                                        f"the last good checkpoint is {_last_checkpoint(cfg.run_dir)}")
             nonfinite_run = nonfinite_run + 1 if skipped else 0
+            if not skipped:
+                interval_loss = interval_loss.to(step_loss.device) + step_loss
+                interval_steps += 1
             if skipped or step % cfg.train.log_every == 0 or step == end:
+                # a skipped step is logged at once with its own loss; otherwise the interval's mean
+                loss = step_loss if skipped else interval_loss / interval_steps
                 if world > 1:      # the global batch's loss; every rank holds its data-parallel group's
-                    dist.all_reduce(step_loss)
-                    step_loss /= world
-                step_loss = step_loss.item()
+                    dist.all_reduce(loss)
+                    loss /= world
+                loss = loss.item()
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": step_loss, "lr": engine.lr(), "grad_norm": engine.grad_norm() or 0.0,
-                          "tokens": step * tokens_per_step, "tokens_per_s": window_tokens / elapsed}
+                record = {"step": step, "loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm() or 0.0,
+                          "tokens": tokens_seen, "tokens_per_s": window_tokens / elapsed}
                 if peak is not None:
                     record["mfu"] = mfu(record["tokens_per_s"], cfg.model, cfg.data.seq_len, peak)
                 if skipped:
                     record["skipped"] = True
-                    progress.write(f"step {step}: non-finite loss or gradient (loss {step_loss}), step skipped "
+                    progress.write(f"step {step}: non-finite loss or gradient (loss {loss}), step skipped "
                                    f"({nonfinite_run} in a row, stopping at {cfg.train.max_nonfinite})")
+                else:
+                    interval_loss, interval_steps = torch.zeros((), dtype=torch.float64), 0
                 metrics.log(record)
                 evals.on_log_step()
-                progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
                 window_start, window_tokens = time.perf_counter(), 0
             if nonfinite_run >= cfg.train.max_nonfinite:
                 raise TrainingDiverged(
@@ -260,14 +303,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             preempted = stop.agreed()
             if preempted or step % cfg.checkpoint.every == 0 or step == end:
                 checkpoint.save(engine.ds, cfg.run_dir, step, {"loader": loader.state_dict(), "config": cfg.to_dict(),
-                                                              "layout": layout.to_dict()}, cfg.checkpoint.keep,
-                                protect=evals.pending_tags())
+                                                              "layout": layout.to_dict(), "tokens_seen": tokens_seen},
+                                cfg.checkpoint.keep, protect=evals.pending_tags())
                 evals.after_save(step, preempted)
             if preempted:
                 if rank == 0:
-                    print(f"preempted (signal {stop.signal or 'on another rank'}): saved step {step} to "
-                          f"{checkpoint.checkpoint_dir(cfg.run_dir)}; exiting with {REQUEUE_EXIT_CODE} for requeue",
-                          flush=True)
+                    progress.write(f"preempted (signal {stop.signal or 'on another rank'}): saved step {step} to "
+                                   f"{checkpoint.checkpoint_dir(cfg.run_dir)}; exiting with {REQUEUE_EXIT_CODE} for "
+                                   "requeue")
                 exit_code = REQUEUE_EXIT_CODE
                 break
         evals.collect()
@@ -284,6 +327,7 @@ def _last_checkpoint(run_dir: str) -> str:
 
 def run(config_path: str, overrides: list[str]) -> int:
     from launch.config_io import load_config
+    StopRequest.catch()
     cfg = train_config(load_config(config_path, overrides))
     result = train(cfg)
     if result["exit_code"] == 0:

@@ -77,7 +77,20 @@ def test_script_structure(capsys, monkeypatch, tmp_path):
         i for i, line in enumerate(lines) if "BRAID_PYTHON" in line and not line.startswith("export"))
     header = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
     assert header == list(range(header[0], header[-1] + 1))
+    # the one task of a node runs every rank: it asks for their CPUs and memory, and shares the CPUs out
+    assert '--cpus-per-task=32 --kill-on-bad-exit=0' in script and "#SBATCH --cpus-per-task=32" in lines
+    assert 'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$BRAID_PYTHON" -m launch.threads 4)}' in script
+    assert "-m launch.torchrun" in script and "torch.distributed.run" not in script
+    whole = _dry_run(capsys, monkeypatch, tmp_path, GOLDEN_CASES["slurm_1node.sbatch"]).splitlines()
+    assert "#SBATCH --exclusive" in whole and "#SBATCH --mem=0" in whole        # GPU nodes: whole nodes
+    assert any(line.startswith("srun --ntasks-per-node=1 --whole ") for line in whole)
+    shared = _dry_run(capsys, monkeypatch, tmp_path, ["--nodes", "1", "--gpus-per-node", "2",
+                                                      "launch.slurm.cpus_per_task=16",
+                                                      "launch.slurm.sbatch_args={mem-per-gpu: 80G}"]).splitlines()
+    assert "#SBATCH --cpus-per-task=16" in shared and "#SBATCH --mem-per-gpu=80G" in shared
+    assert "#SBATCH --exclusive" not in shared and "#SBATCH --mem=0" not in shared
     cpu = _dry_run(capsys, monkeypatch, tmp_path, GOLDEN_CASES["slurm_2nodes_cpu.sbatch"])
+    assert "#SBATCH --cpus-per-task=1" in cpu.splitlines() and "#SBATCH --mem=0" in cpu.splitlines()
     assert "gpu" not in cpu.lower()
 
 
@@ -247,9 +260,11 @@ def _logged_steps(run_dir):
 
 
 @pytest.mark.slow
-def test_launch_local_two_ranks_stop_on_signal_and_resume(tmp_path, tiny_overrides):
+def test_launch_local_two_ranks_stop_on_signal_and_resume(tmp_path, tiny_overrides, shards):
     run_dir = str(tmp_path / "run")
-    overrides = tiny_overrides(run_dir, {"train.max_steps": 400, "checkpoint.every": 1000})
+    # validation every 2 steps: each builds new loaders over shared memory, which the ranks then reclaim
+    overrides = tiny_overrides(run_dir, {"train.max_steps": 400, "checkpoint.every": 1000, "data.val": shards,
+                                         "train.val_every": 2, "train.val_samples": 4, "train.val_lengths": "[1]"})
     proc = _launch_local(overrides, wait=False)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 300
@@ -262,6 +277,9 @@ def test_launch_local_two_ranks_stop_on_signal_and_resume(tmp_path, tiny_overrid
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
     assert "2 rank(s) on CPU (gloo)" in out and "the same command resumes (exit 75)" in out
+    # a clean preemption is said in braid's lines only: no torchrun failure report, no leaked shared memory
+    for noise in ("ChildFailedError", "Traceback", "failed (exitcode", "resource_tracker", "leaked shared_memory"):
+        assert noise not in out, (noise, out[-3000:])
     saved = int(open(os.path.join(run_dir, "checkpoints", "latest")).read().split("_")[1])
     assert 3 <= saved < 400 and _logged_steps(run_dir) == list(range(1, saved + 1))
 

@@ -75,6 +75,27 @@ def test_resume_continues_the_unbroken_loss_curve(tmp_path, shards):
     assert sorted(b) == list(range(1, 9))
     assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]     # bitwise, CPU is deterministic
     assert a[8] < a[1]
+    # the start-up summary, and where each invocation started
+    for line in ("braid: model: ", " parameters (", "braid: batch: 2 sequences x 32 tokens = 64 tokens per step "
+                 "(data.micro_batch 2 x grad_accum 1 x 1 data-parallel rank)", "braid: threads: ",
+                 f"braid: start: step 0 of 8 (no checkpoint in {tmp_path / 'b' / 'run' / 'checkpoints'})"):
+        assert line in first.stdout, (line, first.stdout[-2000:])
+    assert (f"braid: resumed from step 4 of 8 ({tmp_path / 'b' / 'run' / 'checkpoints' / 'step_00000004'})"
+            in second.stdout), second.stdout[-2000:]
+    # a changed model is refused before anything is built, naming the field and both values
+    changed = braid_train(broken, "train.max_steps=10", "model.attn.window=4")
+    assert changed.returncode == 2 and changed.stderr.strip().splitlines()[-1].startswith(
+        f"braid: error: checkpoint {tmp_path / 'b' / 'run' / 'checkpoints' / 'step_00000008'} was saved with "
+        "model.attn.window=8, this run's config has model.attn.window=4: a resumed run keeps its model")
+    assert sorted(losses(str(tmp_path / "b" / "run"))) == list(range(1, 9))
+
+    # log_every=4: each record is the mean loss of the 4 steps since the previous one
+    (tmp_path / "c").mkdir()
+    every4 = write_config(tmp_path / "c", shards, log_every=4)
+    assert braid_train(every4).returncode == 0
+    c = losses(str(tmp_path / "c" / "run"))
+    assert sorted(c) == [4, 8]
+    assert c[4] == (a[1] + a[2] + a[3] + a[4]) / 4 and c[8] == (a[5] + a[6] + a[7] + a[8]) / 4
 
 
 def test_sigterm_saves_and_exits_for_requeue(tmp_path, shards):
@@ -116,14 +137,41 @@ def test_two_data_parallel_ranks_match_one_process(tmp_path, shards):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     single = write_config(tmp_path / "one", shards, max_steps=4)
-    assert braid_train(single).returncode == 0
+    assert braid_train(single, "data.global_batch=4").returncode == 0                # 2 micro-steps of 2
     double = write_config(tmp_path / "two", shards, max_steps=4)
-    out = torchrun(double, 2, "data.micro_batch=1")                   # same global batch of 2
+    out = torchrun(double, 2, "data.global_batch=4", "data.micro_batch=1")         # 2 ranks x 2 micro-steps of 1
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    one, two = losses(str(tmp_path / "one" / "run")), losses(str(tmp_path / "two" / "run"))
+    assert "braid: batch: 4 sequences x 32 tokens = 128 tokens per step (data.micro_batch 1 x grad_accum 2 x " \
+           "2 data-parallel ranks)" in out.stdout
+    one, two = records(str(tmp_path / "one" / "run")), records(str(tmp_path / "two" / "run"))
     assert sorted(two) == [1, 2, 3, 4]
     for step in one:
-        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+        assert abs(one[step]["loss"] - two[step]["loss"]) <= 1e-5 * abs(one[step]["loss"]), (step, one[step], two[step])
+        assert one[step]["tokens"] == two[step]["tokens"] == step * 128
+    # a global batch that the ranks cannot split is refused before any step
+    bad = torchrun(double, 2, "data.global_batch=2", "data.micro_batch=2", "run_dir=" + str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "data.global_batch=2 is not a multiple of data.micro_batch=2 x 2 data-parallel " \
+        "ranks = 4" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_data_and_model_vocabularies_are_compared_before_the_first_step(tmp_path, shards):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shards, data / "train")
+    (data / "braid_data.json").write_text(json.dumps({"row_length": 33, "vocab_size": 256, "eos_id": 0,
+                                                      "tokenizer": {"path": "tok.json", "sha256": "0" * 64,
+                                                                    "vocab_size": 256}}))
+    config = write_config(tmp_path, str(data / "train"))
+    small = braid_train(config, "model.vocab_size=200")
+    assert small.returncode == 2 and small.stderr.strip().splitlines()[-1] == (
+        f"braid: error: model.vocab_size=200 is smaller than the 256-token vocabulary of {data}/braid_data.json "
+        "(tokenizer tok.json): token ids up to 255 would index past the embedding; set model.vocab_size=256")
+    large = braid_train(config, "model.vocab_size=4096")
+    assert large.returncode == 2 and "model.vocab_size=4096 but" in large.stderr.splitlines()[-1]
+    rows = braid_train(config, "data.seq_len=16")
+    assert rows.returncode == 2 and "data.seq_len=16 needs rows of 17 tokens" in rows.stderr.splitlines()[-1]
+    assert not (tmp_path / "run").exists()                       # nothing started
 
 
 def test_validation_at_multiples_of_the_training_length(tmp_path, shards):
