@@ -42,7 +42,11 @@ def resolve_tag(path: str, step: int | None = None) -> str:
     if step is not None:
         tag = os.path.join(root, f"step_{step:08d}")
         if not os.path.isdir(tag):
-            raise FileNotFoundError(f"{tag}: no checkpoint of step {step}")
+            steps = sorted(int(t[5:]) for t in (os.listdir(root) if os.path.isdir(root) else [])
+                           if t.startswith("step_") and t[5:].isdigit() and os.path.isfile(os.path.join(root, t, INFO)))
+            there = f"the checkpoints there are of steps {', '.join(map(str, steps))}" if steps else \
+                f"{root} holds no checkpoint"
+            raise FileNotFoundError(f"{tag}: no checkpoint of step {step}; {there}")
         return tag
     latest = latest_tag(path)
     if latest is None:
@@ -173,9 +177,13 @@ def check_state_dict(state: dict[str, Tensor], cfg: ModelConfig, where: str) -> 
 
 
 def run_tokenizer(run_dir: str) -> tuple[str | None, dict[str, Any]]:
-    """(tokenizer.json path or None, data facts: eos_id, pad_id, seq_len) of a training run, from its
-    config.yaml and the data folder it trained on (braid_data.json names the tokenizer)."""
+    """(tokenizer.json path or None, data facts) of a training run, from its config.yaml and the data
+    folder it trained on (braid_data.json names the tokenizer). Facts: seq_len, and when the data folder
+    has a braid_data.json: eos_id, pad_id, data_info (its path), tokenizer_sha256 (the file the shards
+    were made with; `data_pipeline.tokenizer.check_recorded_tokenizer` compares a file with it)."""
     import yaml
+
+    from data_pipeline.dataset_info import find_dataset_info, tokenizer_record
 
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
@@ -189,15 +197,15 @@ def run_tokenizer(run_dir: str) -> tuple[str | None, dict[str, Any]]:
     facts: dict[str, Any] = {"seq_len": data.get("seq_len")}
     if not data_dir:
         return None, facts
+    found = find_dataset_info(data_dir)
     # a split folder (data/tiny/train) sits inside the prepared folder that has braid_data.json
-    folder = next((d for d in (data_dir, os.path.dirname(data_dir.rstrip("/")))
-                   if os.path.isfile(os.path.join(d, "braid_data.json"))), data_dir)
+    folder = os.path.dirname(found[0]) if found else data_dir
     candidates = [os.path.join(folder, "tokenizer.json")]
-    info_path = os.path.join(folder, "braid_data.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        facts.update(eos_id=info.get("eos_id"), pad_id=info.get("pad_id"))
-        if info.get("tokenizer", {}).get("path"):
-            candidates.insert(0, info["tokenizer"]["path"])
+    if found:
+        info_path, info = found
+        record = tokenizer_record(info)
+        facts.update(eos_id=info.get("eos_id"), pad_id=info.get("pad_id"), data_info=info_path,
+                     tokenizer_sha256=record.get("sha256"), tokenizer_vocab_size=record.get("vocab_size"))
+        if record.get("path"):
+            candidates.insert(0, record["path"])
     return next((p for p in candidates if os.path.isfile(p)), None), facts

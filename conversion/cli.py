@@ -16,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
     from conversion.hf import from_hf, to_hf
     if args.direction == "to-hf":
         s = to_hf(args.source, args.out_dir, step=args.step, dtype=args.dtype, fmt=args.fmt,
-                  tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                  tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                  license=args.license)
         print(f"wrote {s['out_dir']} ({s['format']} format) from {s['checkpoint']} (step {s['step']})")
         print(f"  weights: {s['tensors']} tensors, {s['parameters']:,} parameters, {s['dtype']}, "
               f"{_size(s['bytes'])} in {len(s['weight_files'])} file(s)")

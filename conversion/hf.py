@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from data_pipeline.tokenizer import check_recorded_tokenizer, file_sha256
 from model import HybridLM, ModelConfig
 
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
@@ -110,6 +112,7 @@ def staged_output(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     os.makedirs(staging)
     try:
         yield staging
+        normal_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -118,6 +121,18 @@ def staged_output(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         os.replace(out_dir, old)
     os.replace(staging, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def normal_modes(folder: str) -> None:
+    """Every file and folder under `folder` with the modes `open`/`mkdir` give under this umask (0644 and 0755
+    under the usual 022): some writers (safetensors) create their files 0600, unreadable to a group that
+    shares the release."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def parse_size(text: str | int) -> int:
@@ -173,7 +188,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _run_facts(tag: str, info: dict[str, Any]) -> dict[str, Any]:
-    """What the run directory around a checkpoint says: its config, tokens seen, tokenizer, evals."""
+    """What the run directory around a checkpoint says: its config, tokens seen, tokenizer, data, evals."""
     from conversion.checkpoint import run_tokenizer
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag)))
     facts: dict[str, Any] = {"run_dir": run_dir, "step": info.get("step")}
@@ -184,25 +199,71 @@ def _run_facts(tag: str, info: dict[str, Any]) -> dict[str, Any]:
         data = facts["train_config"].get("data", {})
         train = facts["train_config"].get("train", {})
         dp = (info.get("layout") or {}).get("dp", 1)
-        if info.get("step") is not None and data.get("micro_batch") and data.get("seq_len"):
+        if info.get("tokens_seen") is not None:
+            facts["tokens_seen"] = info["tokens_seen"]
+        elif info.get("step") is not None and data.get("micro_batch") and data.get("seq_len"):
             facts["tokens_seen"] = (info["step"] * data["micro_batch"] * data["seq_len"]
-                                    * train.get("grad_accum", 1) * dp)
+                                    * (train.get("grad_accum") or 1) * dp)
     facts["tokenizer"], data_facts = run_tokenizer(run_dir)
     facts.update(data_facts)
-    evals = {}
-    evals_dir = os.path.join(run_dir, "evals")
-    if os.path.isdir(evals_dir):
-        for suite in sorted(os.listdir(evals_dir)):
-            path = os.path.join(evals_dir, suite, "results.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    evals[suite] = json.load(f).get("scores", {})
-    facts["evals"] = evals
+    if data_facts.get("data_info"):
+        with open(data_facts["data_info"]) as f:
+            data_info = json.load(f)
+        split = ((data_info.get("stats") or {}).get("splits") or {}).get("train") or {}
+        facts["dataset"] = {"name": os.path.basename(os.path.dirname(data_facts["data_info"])),
+                            "documents": split.get("documents"), "tokens": split.get("tokens"),
+                            "vocab_size": data_facts.get("tokenizer_vocab_size")}
+    facts["evals"] = _run_evals(run_dir, info.get("step"))
     return facts
 
 
-def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], model_max_length: int) -> dict:
-    """tokenizer.json plus the config files AutoTokenizer reads; returns the special token ids."""
+def _run_evals(run_dir: str, step: int | None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """suite -> (its folder, results.json) of the run's evals, those of the exported step first
+    (RUN_DIR/evals/step_N/SUITE, written by training's eval hooks), else RUN_DIR/evals/SUITE."""
+    evals: dict[str, tuple[str, dict[str, Any]]] = {}
+    root = os.path.join(run_dir, "evals")
+    for folder in ([os.path.join(root, f"step_{step:08d}")] if step is not None else []) + [root]:
+        for suite in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, suite, "results.json")
+            if suite not in evals and os.path.isfile(path):
+                with open(path) as f:
+                    evals[suite] = (os.path.join(folder, suite), json.load(f))
+    return evals
+
+
+def _portable(value: Any) -> Any:
+    """A results.json value with every absolute local path cut to its last component."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        return os.path.basename(value.rstrip("/")) or value
+    return value
+
+
+def _ship_evals(evals: dict[str, tuple[str, dict[str, Any]]], folder: str) -> dict[str, str]:
+    """Copy each suite's results.json (local paths cut) and figure into folder/evals/SUITE/, so that what the
+    model card cites travels with the model; returns suite -> its results.json, relative to `folder`."""
+    shipped = {}
+    for suite, (source, record) in evals.items():
+        dest = os.path.join(folder, "evals", suite)
+        os.makedirs(dest, exist_ok=True)
+        record = _portable({k: v for k, v in record.items() if k != "samples_file"})
+        figure = record.get("figure")
+        if figure and os.path.isfile(os.path.join(source, figure)):
+            shutil.copyfile(os.path.join(source, figure), os.path.join(dest, figure))
+        else:
+            record.pop("figure", None)
+        _write_json(os.path.join(dest, "results.json"), record)
+        shipped[suite] = f"evals/{suite}/results.json"
+    return shipped
+
+
+def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any]) -> dict:
+    """tokenizer.json plus the config files AutoTokenizer reads; returns the special token ids. No
+    model_max_length: the recurrent and window layers have no hard length limit (the training length is in
+    config.json's `training`), and a cap would make every longer prompt warn about indexing errors."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -218,18 +279,47 @@ def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], mo
         specials["bos_token"] = tok.id_to_token(eos_id)   # documents were separated by EOS only
     if pad_id is not None:
         specials["pad_token"] = tok.id_to_token(pad_id)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok,
                                    model_input_names=["input_ids", "attention_mask"],
                                    clean_up_tokenization_spaces=False, **specials)
     fast.save_pretrained(folder)
     return {"eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id}
 
 
+# Training-config sections a model card shows (paths, launch, logging and eval-hook settings stay local:
+# Slurm accounts, setup lines and environment variables are where people put site details and secrets).
+CARD_CONFIG_SECTIONS = ("seed", "data", "optim", "schedule", "train", "parallel")
+CARD_DATA_KEYS = ("seq_len", "micro_batch", "global_batch")
+
+
+def _card_training_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The training config as a model card shows it: CARD_CONFIG_SECTIONS, data streams by name, no local paths."""
+    shown = {k: config[k] for k in CARD_CONFIG_SECTIONS if k in config}
+    if isinstance(shown.get("data"), dict):
+        data = config["data"]
+        streams = [s if isinstance(s, dict) else {"path": s} for s in data.get("train") or []]
+        shown["data"] = {"train": [{"name": _data_name(s.get("path")), **({"proportion": s["proportion"]}
+                                    if s.get("proportion") is not None else {})} for s in streams],
+                         **({"val": _data_name(data["val"])} if data.get("val") else {}),
+                         **{k: data[k] for k in CARD_DATA_KEYS if k in data}}
+    return _portable(shown)
+
+
+def _data_name(path: str | None) -> str | None:
+    """data/tiny/train -> tiny/train: a prepared folder and its split, without where they lie."""
+    if not path:
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    return "/".join(parts[-2:])
+
+
 def _model_card(cfg: ModelConfig, facts: dict[str, Any], n_params: int, n_embedding: int, fmt: str,
-                dtype: torch.dtype) -> str:
+                dtype: torch.dtype, license: str = "other", evals: dict[str, str] | None = None) -> str:
+    """README.md: architecture, data, training, evals shipped beside it and how to load it; no local paths."""
     kinds = {kind: cfg.layer_types.count(kind) for kind in dict.fromkeys(cfg.layer_types)}
-    lines = ["---", "library_name: transformers", "tags: [braid, hybrid, " + ", ".join(kinds) + "]", "---", "",
-             f"# Braid hybrid language model ({fmt} format)", "",
+    front = ["---", "library_name: transformers", f"license: {license}", "pipeline_tag: text-generation",
+             "tags: [braid, hybrid, " + ", ".join(kinds) + "]", "---"]
+    lines = [*front, "", f"# Braid hybrid language model ({fmt} format)", "",
              "Exported by `braid convert to-hf` from a Braid training checkpoint.", "", "## Architecture", "",
              f"- pattern: `{cfg.pattern}` ({cfg.n_sublayers} pre-norm residual sublayers: "
              + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")",
@@ -237,20 +327,45 @@ def _model_card(cfg: ModelConfig, facts: dict[str, Any], n_params: int, n_embedd
              f"tied embeddings: {cfg.tie_embeddings}",
              f"- attention: {cfg.attn.n_heads} heads ({cfg.n_kv_heads} KV heads), sliding window {cfg.attn.window}",
              f"- parameters: {n_params:,} ({n_params - n_embedding:,} without the embedding); weights in "
-             f"{_dtype_name(dtype)}", "", "## Training", ""]
+             f"{_dtype_name(dtype)}",
+             "- context: no hard limit (recurrent state and a sliding window"
+             + (", plus full attention over every token" if "attention" in kinds else "") + "); "
+             + (f"trained on sequences of {facts['seq_len']} tokens" if facts.get("seq_len")
+                else "training length unknown"),
+             "", "## Data", ""]
+    dataset = facts.get("dataset") or {}
+    if dataset:
+        counts = ", ".join(f"{dataset[k]:,} {k}" for k in ("documents", "tokens") if dataset.get(k) is not None)
+        lines.append(f"- `{dataset['name']}` (prepared by `braid data prepare`)" + (f": {counts} in its training split"
+                                                                                 if counts else ""))
+    tokenizer = "byte-level BPE" + (f", {facts['tokenizer_vocab_size']:,} tokens" if facts.get("tokenizer_vocab_size")
+                                    else "")
+    if facts.get("tokenizer_sha256"):
+        tokenizer += f", sha256 `{facts['tokenizer_sha256'][:16]}`"
+    lines.append(f"- tokenizer: {tokenizer}" if facts.get("tokenizer") else "- tokenizer: none shipped")
+    lines += ["", "## Training", ""]
     if facts.get("step") is not None:
         lines.append(f"- step {facts['step']}" + (f", {facts['tokens_seen']:,} tokens seen"
                                                    if facts.get("tokens_seen") else ""))
-    if facts.get("seq_len"):
-        lines.append(f"- sequence length {facts['seq_len']}")
     if facts.get("train_config"):
-        lines += ["", "Training config:", "", "```yaml",
-                  yaml.safe_dump(facts["train_config"], sort_keys=False).rstrip(), "```"]
-    if facts.get("evals"):
-        lines += ["", "## Evaluations", ""]
-        for suite, scores in facts["evals"].items():
-            flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-            lines.append(f"- {suite}: " + (", ".join(f"{k} {v:.4g}" for k, v in flat.items()) or "see results.json"))
+        lines += ["", "Training config (local paths, launch and logging settings left out):", "", "```yaml",
+                  yaml.safe_dump(_card_training_config(facts["train_config"]), sort_keys=False).rstrip(), "```"]
+    if evals:
+        lines += ["", "## Evaluations", "", "Each suite's full results (settings, seeds, provenance) are in the file "
+                  "named, beside this card.", ""]
+        for suite, path in evals.items():
+            record = facts["evals"][suite][1]
+            flat = {k: v for k, v in (record.get("scores") or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            step = (record.get("provenance") or {}).get("step")
+            lines.append(f"- {suite}" + (f" (step {step})" if step is not None else "") + ": "
+                         + (", ".join(f"{k} {v:.4g}" for k, v in flat.items()) or "per-length scores")
+                         + f"; [{path}]({path})")
+            if record.get("figure"):
+                lines.append(f"  ![{suite}](evals/{suite}/{record['figure']})")
+    unset = " (not given at export: `braid convert to-hf ... --license ID`). The weights are trained on the data " \
+            "above; its terms apply."
+    lines += ["", "## Licence", "", f"`license: {license}`" + (unset if license == "other" else ".")]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(PATH)",
               "model = AutoModelForCausalLM.from_pretrained(PATH"
@@ -336,8 +451,11 @@ def mamba_model_config(config: dict[str, Any], where: str) -> ModelConfig:
 
 def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto", fmt: str = "braid",
           tokenizer: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
-    """Export a run directory or step_* checkpoint (any TP/PP/ZeRO layout) as a Hugging Face folder."""
+          progress: bool = True, license: str = "other") -> dict[str, Any]:
+    """Export a run directory or step_* checkpoint (any TP/PP/ZeRO layout) as a Hugging Face folder.
+
+    The run's own tokenizer must be the file its data was made with (the sha256 braid_data.json records);
+    `tokenizer` replaces it (a different file is shipped with a warning naming both hashes)."""
     from transformers import GenerationConfig
 
     from conversion.checkpoint import load_training_checkpoint, resolve_tag
@@ -356,6 +474,14 @@ def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto
         if not os.path.isfile(tokenizer):
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file")
         facts["tokenizer"] = tokenizer
+        recorded = facts.get("tokenizer_sha256")
+        if recorded and file_sha256(tokenizer) != recorded:
+            print(f"braid: warning: --tokenizer {tokenizer} has sha256 {file_sha256(tokenizer)[:16]}..., the run's "
+                  f"data was made with {recorded[:16]}... ({facts.get('data_info')}); shipping it as asked",
+                  file=sys.stderr)
+        facts["tokenizer_sha256"] = file_sha256(tokenizer)
+    elif facts.get("tokenizer"):
+        check_recorded_tokenizer(facts["tokenizer"], facts.get("tokenizer_sha256"), facts.get("data_info"))
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")                     # the embedding, stored once
     target = DTYPES.get(dtype)
@@ -369,16 +495,16 @@ def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto
         files, total = write_safetensors(tensors, staging, max_shard_bytes, progress)
         token_ids = {}
         if facts.get("tokenizer"):
-            token_ids = _tokenizer_files(facts["tokenizer"], staging, facts,
-                                         facts.get("seq_len") or cfg.max_seq_len)
+            token_ids = _tokenizer_files(facts["tokenizer"], staging, facts)
         _write_json(os.path.join(staging, "config.json"), hf_config(cfg, fmt, out_dtype, facts, token_ids))
         GenerationConfig(**{k: v for k, v in token_ids.items() if v is not None}).save_pretrained(staging)
         if fmt == "braid":
             for name, text in remote_code().items():
                 with open(os.path.join(staging, name), "w") as f:
                     f.write(text)
+        shipped = _ship_evals(facts["evals"], staging)
         with open(os.path.join(staging, "README.md"), "w") as f:
-            f.write(_model_card(cfg, facts, n_params, n_embedding, fmt, out_dtype))
+            f.write(_model_card(cfg, facts, n_params, n_embedding, fmt, out_dtype, license, shipped))
         written = sorted(os.listdir(staging))
     return {"out_dir": os.path.abspath(out_dir), "checkpoint": os.path.abspath(tag), "step": info.get("step"),
             "format": fmt, "dtype": _dtype_name(out_dtype), "tensors": len(tensors), "parameters": n_params,

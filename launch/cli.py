@@ -7,6 +7,7 @@
     braid launch slurm CONFIG.yaml --nodes N --gpus-per-node G [--cpu] [--partition P] [--time T]
                        [--account A] [--dry-run] [k=v ...]
     braid convert to-hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--step N] [--dtype auto|bf16|fp32] [--format braid|mamba]
+                        [--license ID]
     braid convert from-hf HF_DIR OUT_DIR [--tp N] [--pp M]
     braid eval SUITE MODEL [options]      SUITE: passkey niah ruler phonebook ppl speed harness
     braid eval report RUN_DIR
@@ -14,7 +15,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Before anything imports torch (OpenMP reads it once, at load): threads that wait sleep rather than spin
+# on cores other threads or processes need (launch/threads.py). The user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="braid: remote code for any pattern; mamba: transformers' MambaForCausalLM (M only)")
     to_hf.add_argument("--tokenizer", help="tokenizer.json to ship (default: the one the run's data was made with)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")
+    to_hf.add_argument("--license", default="other",
+                       help="the model card's licence (a Hugging Face licence id such as apache-2.0; default other)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     from_hf = directions.add_parser("from-hf", help="a Braid or Mamba Hugging Face folder -> a run directory to "
                                                     "continue training from, split for --tp/--pp")

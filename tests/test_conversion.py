@@ -215,6 +215,89 @@ def test_folder_contents_tokenizer_and_model_card(tmp_path, trained, eval_tokeni
     assert torch.equal(model.model.embed.weight, state["embed.weight"].bfloat16().float())
 
 
+def test_release_folder_is_portable_cites_what_it_ships_and_checks_the_tokenizer(tmp_path, eval_tokenizer_path,
+                                                                                    capsys):
+    """No local paths or launch settings, normal file modes, evals shipped beside the card that cites them,
+    a licence, no length cap on the tokenizer; a tokenizer file changed since the data was made is refused."""
+    import shutil
+
+    import yaml
+
+    from data_pipeline.tokenizer import file_sha256, train_bpe
+    cfg = small_preset("tiny", vocab_size=512)
+    run = tmp_path / "run"
+    weights_checkpoint(run, cfg)
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    shutil.copy(eval_tokenizer_path, data / "tokenizer.json")
+    (data / "braid_data.json").write_text(json.dumps({
+        "row_length": 33, "vocab_size": 512, "eos_id": 0, "pad_id": 1,
+        "tokenizer": {"path": str(data / "tokenizer.json"), "sha256": file_sha256(str(data / "tokenizer.json")),
+                      "vocab_size": 512},
+        "stats": {"splits": {"train": {"documents": 10, "tokens": 3300}}}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "run_dir": str(run), "seed": 0, "model": cfg.to_dict(),
+        "launch": {"slurm": {"account": "secret-account", "setup": ["source /home/me/venv/bin/activate"],
+                             "env": {"WANDB_API_KEY": "abc123"}}},
+        "data": {"train": [{"path": str(data / "train"), "proportion": None}], "val": None, "seq_len": 32,
+                 "micro_batch": 2, "global_batch": None},
+        "optim": {"lr": 0.003}, "train": {"max_steps": 7, "grad_accum": None},
+        "logging": {"wandb": {"project": "private"}}, "evals": {"tokenizer": str(data / "tokenizer.json")}}))
+    suite = run / "evals" / "passkey"
+    suite.mkdir(parents=True)
+    (suite / "passkey.png").write_bytes(b"\x89PNG not really")
+    (suite / "samples.jsonl").write_text("{}\n")
+    (suite / "results.json").write_text(json.dumps({
+        "suite": "passkey", "scores": {"accuracy": 0.5, "grid": {"64": {"0": 0.5}}}, "settings": {"lengths": [64]},
+        "provenance": {"model": str(run), "checkpoint": str(run / "checkpoints" / "step_00000000"), "step": 0,
+                       "tokenizer": str(data / "tokenizer.json")}, "figure": "passkey.png",
+        "samples_file": "samples.jsonl"}))
+
+    old_umask = os.umask(0o022)
+    try:
+        to_hf(str(run), str(tmp_path / "hf"), progress=False, license="apache-2.0")
+    finally:
+        os.umask(old_umask)
+    hf = tmp_path / "hf"
+    for root, dirs, files in os.walk(hf):
+        assert os.stat(root).st_mode & 0o777 == 0o755, root
+        for name in files:
+            path = os.path.join(root, name)
+            assert os.stat(path).st_mode & 0o777 == 0o644, path      # safetensors writes 0600 by itself
+            if name.endswith((".json", ".md")):
+                text = open(path).read()
+                assert str(tmp_path) not in text and "/home/me" not in text, (path, text)
+    card = (hf / "README.md").read_text()
+    assert "license: apache-2.0" in card.split("---")[1]
+    for secret in ("secret-account", "abc123", "WANDB", "launch:", "slurm", "private", "run_dir"):
+        assert secret not in card, secret
+    assert "`data` (prepared by `braid data prepare`): 10 documents, 3,300 tokens" in card
+    assert "name: data/train" in card and "max_steps: 7" in card
+    assert "- passkey (step 0): accuracy 0.5; [evals/passkey/results.json](evals/passkey/results.json)" in card
+    shipped = json.loads((hf / "evals" / "passkey" / "results.json").read_text())
+    assert shipped["provenance"]["model"] == "run" and shipped["provenance"]["checkpoint"] == "step_00000000"
+    assert "samples_file" not in shipped and (hf / "evals" / "passkey" / "passkey.png").is_file()
+    assert json.loads((hf / "tokenizer_config.json").read_text())["model_max_length"] > 10 ** 12
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(hf))        # no cap: a prompt past 32 tokens draws no warning
+    assert tok.model_max_length > 10 ** 12 and len(tok("word " * 2000)["input_ids"]) > 2000
+
+    # the tokenizer retrained in place after the data was made: refused, naming the files and hashes
+    train_bpe(["other text entirely"] * 50, 300, ["<|endoftext|>", "<|pad|>"]).save(str(data / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"tokenizer .*data/tokenizer.json has sha256 \w+\.\.\., but "
+                                         r".*data/braid_data.json records \w+\.\.\. for the tokenizer the shards were "
+                                         r"made with"):
+        to_hf(str(run), str(tmp_path / "hf2"), progress=False)
+    assert not (tmp_path / "hf2").exists()
+    # given explicitly, a file is shipped as asked, with the mismatch named
+    capsys.readouterr()
+    to_hf(str(run), str(tmp_path / "hf3"), progress=False, tokenizer=str(data / "tokenizer.json"))
+    warning = capsys.readouterr().err
+    assert f"braid: warning: --tokenizer {data / 'tokenizer.json'} has sha256 " in warning and "shipping it" in warning
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5; the checkpoints there are of steps 0"):
+        to_hf(str(run), str(tmp_path / "hf4"), step=5, progress=False)
+
+
 # ---- native Mamba ----------------------------------------------------------------------------
 
 def test_mamba_format_loads_in_transformers_mamba_and_comes_back(tmp_path):
