@@ -98,16 +98,25 @@ def default_out_dir(model: str, suite: str, step: int | None = None) -> str:
     return os.path.join(run_dir, "evals", os.path.basename(tag), suite)
 
 
+def suite_summary(name: str) -> str:
+    """A suite's one-sentence help: the first paragraph of its module docstring on one line, without the
+    "`braid eval NAME MODEL`:" or "`NAME` suite:" it starts with (argparse wraps it at word boundaries)."""
+    doc = (suite_module(name).__doc__ or name).strip()
+    paragraph = " ".join(line.strip() for line in doc.split("\n\n", 1)[0].splitlines())
+    for prefix in (f"`braid eval {name} MODEL`:", f"`{name}` suite:"):
+        paragraph = paragraph.removeprefix(prefix).strip()
+    return paragraph
+
+
 def add_parsers(commands: Any) -> None:
     """`eval` and its per-suite subcommands, on launch/cli.py's subparsers."""
     evaluate = commands.add_parser("eval", help="long-context suites, perplexity, speed, lm-eval; `report` gathers")
     suites = evaluate.add_subparsers(dest="suite", required=True)
     for name in SUITES:
-        module = suite_module(name)
-        doc = (module.__doc__ or name).strip().splitlines()[0]
+        doc = suite_summary(name)
         parser = suites.add_parser(name, help=doc, description=doc)
         parser.add_argument("model", help="run directory, step_* checkpoint, or converted Hugging Face folder")
-        module.add_arguments(parser)
+        suite_module(name).add_arguments(parser)
         parser.add_argument("--out", help="results folder (default: beside the model, see `braid eval --help`)")
         parser.add_argument("--step", type=int, help="a run directory's checkpoint of this step (default: latest)")
         parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")

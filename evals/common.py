@@ -84,6 +84,25 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
                      train_length=train_length, provenance=provenance)
 
 
+def model_label(lm: EvalModel) -> str:
+    """Which model a figure is about: its run (or folder) name, step and pattern, e.g. 'tiny, step 800,
+    M-G-S-R-*-'. A step_* checkpoint is named by its run directory."""
+    provenance = lm.provenance
+    path = os.path.normpath(str(provenance.get("model") or "model"))
+    if os.path.basename(path).startswith("step_"):           # RUN_DIR/checkpoints/step_N
+        path = os.path.dirname(os.path.dirname(path))
+    parts = [os.path.basename(path) or "model"]
+    if provenance.get("step") is not None:
+        parts.append(f"step {provenance['step']}")
+    parts.append(provenance.get("pattern") or lm.cfg.pattern)
+    return ", ".join(parts)
+
+
+def figure_title(what: str, lm: EvalModel) -> str:
+    """A figure's title: what it shows, then which model (run, step, pattern) on a second line."""
+    return f"{what}\n{model_label(lm)}"
+
+
 def with_defaults(suite: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """A suite's run() options over its defaults; an unknown option is a one-line error naming it."""
     unknown = sorted(set(options) - set(defaults))

@@ -8,7 +8,9 @@
 The adapter scores exactly what the model computes, with lm-eval's own conventions (context /
 continuation splitting, left truncation to the maximum length, rolling windows, stop strings),
 so its numbers are comparable with lm-eval's stock `hf` model on a converted HF folder
-(`run_stock_hf`). Everything runs offline: the shipped tasks read jsonl files next to their YAML.
+(`run_stock_hf`). The shipped tasks run offline (they read jsonl files next to their YAML, and the
+model is local); the environment is left as the user set it, so a hub task such as hellaswag is
+downloaded by lm-eval like anywhere else, and HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 keep it from trying.
 """
 from __future__ import annotations
 
@@ -18,20 +20,16 @@ import logging
 import os
 from typing import Any
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # before `datasets` is imported by lm_eval
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from lm_eval import utils as lm_utils  # noqa: E402
-from lm_eval.api.model import TemplateLM  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen_kwargs,  # noqa: E402
-                                  postprocess_generated_text)
+from model.generation import generate
 
-from model.generation import generate  # noqa: E402
-
-from .common import EvalModel, load_eval_model, write_results  # noqa: E402
+from .common import EvalModel, load_eval_model, write_results
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +305,6 @@ def _evaluate(model: Any, tasks: str | list[str] | None, limit: float | int | No
               bootstrap_iters: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """simple_evaluate on the local (+ included) tasks; shared by run() and run_stock_hf() so both
     backends see the same task list and settings. Returns (lm-eval results, settings)."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import lm_eval
     from lm_eval.evaluator import simple_evaluate
 
@@ -357,7 +353,6 @@ def run_stock_hf(hf_dir: str, out_dir: str, tasks: str | list[str] | None = None
                  max_length: int | None = None) -> dict[str, Any]:
     """The same tasks and settings as run(), scored by lm-eval's stock `hf` model on a converted HF
     folder (trust_remote_code, CPU): the cross-check that conversion and the adapter agree."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
     from lm_eval.models.huggingface import HFLM
     hf_args: dict[str, Any] = dict(pretrained=hf_dir, trust_remote_code=True, device="cpu", batch_size=batch_size)
     if max_length is not None:

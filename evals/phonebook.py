@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 from evals import retrieval
-from evals.common import EvalModel
+from evals.common import EvalModel, figure_title
 from evals.tasks import Sample, derive_seed
 from evals.tasks import phonebook as task
 
@@ -42,4 +42,5 @@ def run(lm: EvalModel, out_dir: str, entries: list[int] = (10, 25, 50, 100, 200)
                 "max_new_tokens": max_new_tokens, "stop": "eos or newline", "prompt_tokens": prompt_tokens}
     return retrieval.finish(out_dir, SUITE, scores, settings, lm, rows,
                             lambda path: retrieval.line_plot(path, {"phonebook": by_entries}, "entries",
-                                                             "accuracy", "phonebook lookup"))
+                                                             "accuracy",
+                                                             figure_title("phonebook lookup", lm)))

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from evals.common import EvalModel, write_results
+from evals.common import EvalModel, figure_title, write_results
 from evals.tasks import Sample
 from model.generation import generate
 
@@ -100,8 +100,15 @@ def check_options(**lists: Sequence[float]) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: needs positive values, got {values}")
 
 
+def cell_text_color(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads on a cell of this colour (relative luminance, sRGB weights)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
 def heatmap(path: str, grid: dict[str, dict[str, float]], title: str) -> None:
-    """Accuracy heatmap, depth (rows, 0 at the top) x length (columns), values written in the cells."""
+    """Accuracy heatmap, depth (rows, 0 at the top) x length (columns), values written in the cells in
+    black or white, whichever reads on the cell's colour."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,7 +116,7 @@ def heatmap(path: str, grid: dict[str, dict[str, float]], title: str) -> None:
     lengths = list(grid)
     depths = sorted({d for row in grid.values() for d in row}, key=float)
     values = [[grid[length].get(d, float("nan")) for length in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 2))
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 2.4))
     image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_yticks(range(len(depths)), depths)
@@ -117,9 +124,13 @@ def heatmap(path: str, grid: dict[str, dict[str, float]], title: str) -> None:
     ax.set_ylabel("needle depth")
     for r, row in enumerate(values):
         for c, value in enumerate(row):
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
+            if value != value:                                  # NaN: no sample in this cell
+                ax.text(c, r, "n/a", ha="center", va="center", fontsize=8, color="gray")
+                continue
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color=cell_text_color(image.cmap(image.norm(value))))
     fig.colorbar(image, ax=ax, label="accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -139,7 +150,7 @@ def line_plot(path: str, series: dict[str, dict[str, float]], xlabel: str, ylabe
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -210,4 +221,4 @@ def run_grid(lm: EvalModel, out_dir: str, suite: str, task: ModuleType, *, lengt
                 "max_new_tokens": max_new_tokens, "stop": "eos or newline", "bos": "eos" if lm.eos_id is not None
                 else None, "prompt_tokens": group_mean([{**r, "score": r["prompt_tokens"]} for r in rows], "length")}
     return finish(out_dir, suite, scores, settings, lm, rows,
-                  lambda path: heatmap(path, grid, f"{suite}: accuracy {scores['accuracy']:.2f}"))
+                  lambda path: heatmap(path, grid, figure_title(f"{suite}: accuracy {scores['accuracy']:.2f}", lm)))

@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from evals import retrieval
-from evals.common import EvalModel
+from evals.common import EvalModel, figure_title
 from evals.tasks import Sample, derive_seed
 from evals.tasks import ruler as ruler_tasks
 
@@ -67,4 +67,5 @@ def run(lm: EvalModel, out_dir: str, lengths: list[int] = (1024, 2048, 4096),
     series = {name: {length: v[name] for length, v in per_length.items()} for name in [*tasks, "average"]}
     return retrieval.finish(out_dir, SUITE, scores, settings, lm, rows,
                             lambda path: retrieval.line_plot(path, series, "context length (tokens)",
-                                                             "string_match_all", "RULER (offline tasks)"))
+                                                             "string_match_all",
+                                                             figure_title("RULER (offline tasks)", lm)))

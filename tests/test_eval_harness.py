@@ -142,6 +142,24 @@ def test_simple_evaluate_local_tasks(eval_model):
     assert results["n-samples"]["braid_mc"]["effective"] == 6
 
 
+def test_the_users_hub_settings_are_left_alone(eval_model, tmp_path, monkeypatch):
+    """Importing or running the suite sets no HF_*_OFFLINE: a hub task (hellaswag) must be able to download."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    probe = ("import os, evals.harness, huggingface_hub.constants as hub, datasets.config as ds; "
+             "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_DATASETS_OFFLINE'), hub.HF_HUB_OFFLINE, "
+             "ds.HF_HUB_OFFLINE)")
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "PYTHONPATH": root}, cwd=root,
+                         capture_output=True, text=True)
+    assert out.stdout.split() == ["None", "None", "False", "False"], out.stderr[-2000:]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")                        # the user's choice survives a run
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    harness.run(eval_model, str(tmp_path), **{**harness.SMOKE, "tasks": "braid_mc", "limit": 2})
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and "HF_DATASETS_OFFLINE" not in os.environ
+
+
 def test_run_writes_results(eval_model, tmp_path):
     record = harness.run(eval_model, str(tmp_path), **harness.SMOKE)
     with open(tmp_path / "results.json") as f:

@@ -121,6 +121,36 @@ def test_speed_run_smoke(eval_model, tmp_path):
     assert os.path.getsize(tmp_path / "out" / "speed.png") > 1000
 
 
+def test_speed_takes_turns_and_reports_the_spread_over_repeats(eval_model, tmp_path, monkeypatch, capsys):
+    real, order = speed.decode_steps, []
+
+    def decode_steps(model, cache, logits, steps):
+        if steps == 5:                                     # the timed windows, not the warm-up steps
+            order.append("twin" if "-" in model.cfg.pattern and set(model.cfg.pattern) <= {"*", "-"} else "model")
+        return real(model, cache, logits, steps)
+    monkeypatch.setattr(speed, "decode_steps", decode_steps)
+    record = speed.run(eval_model, str(tmp_path / "a"), lengths=[32], decode_tokens=5, repeats=3)
+    # timed in turn, order alternating; then each model's memory alone
+    assert order == ["model", "twin", "twin", "model", "model", "twin", "model", "twin"]
+    for row in (record["scores"]["points"]["model"][0], record["scores"]["points"]["twin"][0]):
+        assert row["repeats"] == 3 and len(row["decode_s_repeats"]) == len(row["prefill_s_repeats"]) == 3
+        for kind in ("decode", "prefill"):
+            assert row[f"{kind}_tokens_per_s_min"] <= row[f"{kind}_tokens_per_s"] <= row[f"{kind}_tokens_per_s_max"]
+    low, high = record["scores"]["prefill_speedup_vs_twin_range"]["32"]
+    assert low <= record["scores"]["prefill_speedup_vs_twin"]["32"] <= high
+
+    # a machine whose load changed between repeats: the ratio's range says so, and so does a warning
+    fake = {"model": {"prefill": [1.0, 0.05, 1.0], "decode": [1.0, 1.0, 1.0]},
+            "twin": {"prefill": [1.0, 1.0, 1.1], "decode": [2.0, 2.0, 2.0]}}
+    monkeypatch.setattr(speed, "time_side_by_side", lambda *args, **kwargs: fake)
+    record = speed.run(eval_model, str(tmp_path / "b"), lengths=[32], decode_tokens=5, repeats=3)
+    assert record["scores"]["prefill_speedup_vs_twin"]["32"] == pytest.approx(1.1)
+    assert record["scores"]["prefill_speedup_vs_twin_range"]["32"] == pytest.approx([1.0, 20.0])
+    assert record["scores"]["decode_speedup_vs_twin"]["32"] == 2.0
+    assert "speed: warning: prefill speed-up vs twin at 32 tokens ranged 1x..20x over 3 repeats" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("options, name", [
     ({"lengths": []}, "lengths"), ({"lengths": [0, 8]}, "lengths"), ({"decode_tokens": 0}, "decode_tokens"),
     ({"repeats": 0}, "repeats"), ({"batch_size": -2}, "batch_size"), ({"prefill_chunk": -1}, "prefill_chunk"),

@@ -173,6 +173,39 @@ def test_suite_smoke_run_writes_results_and_png(eval_model, tmp_path, name):
         assert len(f.readlines()) == len(expected_samples(suite, eval_model))
 
 
+def test_heatmap_labels_read_on_their_cells_and_titles_name_the_model(eval_model, tmp_path, monkeypatch):
+    import matplotlib
+    from matplotlib import colormaps
+
+    from evals.common import model_label
+    matplotlib.use("Agg")
+    colours = colormaps["RdYlGn"]
+    assert retrieval.cell_text_color(colours(0.0)) == "white"        # dark red: a black label would not read
+    assert retrieval.cell_text_color(colours(1.0)) == "white"        # dark green
+    assert retrieval.cell_text_color(colours(0.5)) == "black"        # yellow
+    drawn = {}
+
+    def capture(ax_text):
+        def text(self, x, y, s, **kwargs):
+            drawn.setdefault("cells", []).append((s, kwargs.get("color")))
+            return ax_text(self, x, y, s, **kwargs)
+        return text
+    from matplotlib.axes import Axes
+    monkeypatch.setattr(Axes, "text", capture(Axes.text))
+    retrieval.heatmap(str(tmp_path / "h.png"), {"64": {"0": 0.0, "0.5": 0.5}, "128": {"0": 1.0, "0.5": 0.95}},
+                      "passkey: accuracy 0.61\nrun, step 800, M-S-")
+    assert drawn["cells"] == [("0.00", "white"), ("1.00", "white"), ("0.50", "black"), ("0.95", "white")]
+
+    titles = []
+    monkeypatch.setattr(retrieval, "heatmap", lambda path, grid, title: titles.append(title))
+    lm = type(eval_model)(model=eval_model.model, tokenizer=eval_model.tokenizer, eos_id=0, train_length=64,
+                          provenance={"model": str(tmp_path / "runs" / "samba" / "checkpoints" / "step_00000800"),
+                                      "step": 800, "pattern": eval_model.cfg.pattern})
+    assert model_label(lm) == f"samba, step 800, {eval_model.cfg.pattern}"
+    passkey.run(lm, str(tmp_path / "out"), **passkey.SMOKE)
+    assert titles[0].startswith("passkey: accuracy ") and titles[0].endswith(f"\nsamba, step 800, {eval_model.cfg.pattern}")
+
+
 @pytest.mark.parametrize("name", SUITES)
 def test_oracle_model_scores_100_percent(eval_model, tmp_path, monkeypatch, name):
     """generate() replaced by a model that knows each prompt's answer: the runner must score 1.0, so
