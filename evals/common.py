@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from data_pipeline.tokenizer import file_sha256, load_tokenizer
+from data_pipeline.tokenizer import check_recorded_tokenizer, file_sha256, load_tokenizer
 from model import HybridLM, ModelConfig
 
 RESULTS = "results.json"
@@ -63,6 +63,8 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
         tag = resolve_tag(path, step)
         state, cfg, info = load_training_checkpoint(tag)
         own_tokenizer, data = run_tokenizer(os.path.dirname(os.path.dirname(os.path.abspath(tag))))
+        if tokenizer is None and own_tokenizer is not None:     # the file the data was made with, still
+            check_recorded_tokenizer(own_tokenizer, data.get("tokenizer_sha256"), data.get("data_info"))
         eos_id, train_length = data.get("eos_id"), data.get("seq_len")
         model = HybridLM(cfg)
         model.load_state_dict(state)

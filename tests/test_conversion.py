@@ -289,6 +289,9 @@ def test_release_folder_is_portable_cites_what_it_ships_and_checks_the_tokenizer
                                          r"made with"):
         to_hf(str(run), str(tmp_path / "hf2"), progress=False)
     assert not (tmp_path / "hf2").exists()
+    from evals.common import load_eval_model                       # evals read it through the same check
+    with pytest.raises(ValueError, match=r"data/tokenizer.json has sha256 .* records"):
+        load_eval_model(str(run))
     # given explicitly, a file is shipped as asked, with the mismatch named
     capsys.readouterr()
     to_hf(str(run), str(tmp_path / "hf3"), progress=False, tokenizer=str(data / "tokenizer.json"))

@@ -83,3 +83,16 @@ def test_headline_scores_flatten_what_metrics_can_plot():
         "decode_speedup_vs_twin@1024": 2.0, "decode_speedup_vs_twin@8192": 5.0}
     assert headline_scores("harness", {"braid_mc": {"acc,none": 0.25, "acc_stderr,none": 0.1, "alias": "x"}}) == {
         "braid_mc/acc": 0.25}
+
+
+def test_help_texts_are_whole_sentences():
+    from evals.cli import SUITES, suite_summary
+    from launch.cli import build_parser
+    for name in SUITES:
+        text = suite_summary(name)
+        assert text.endswith(".") and "\n" not in text and not text.startswith("`"), (name, text)
+    assert suite_summary("ruler").startswith("RULER's offline tasks (niah_single_1, niah_multikey_2, niah_multikey_3, "
+                                             "vt, cwe, fwe) at each length")
+    listing = " ".join(build_parser().subcommands["eval"].format_help().split())
+    assert "against context length, for the model and for its same-size full-attention twin" in listing
+
