@@ -13,6 +13,10 @@ trains exactly what was submitted, and resumes from the run directory's checkpoi
      (`--requeue`; `--open-mode=append` keeps one log across restarts).
 
 With `--cpu`, G is the number of ranks per node on CPU (gloo) and no GPUs are requested.
+The one task of a node runs all G ranks, so it asks for their CPUs (launch.slurm.cpus_per_task;
+else whole nodes for GPU jobs, one CPU per rank with --cpu) and memory (--mem=0 unless sbatch_args
+names one). Every node must see the run directory, the data and the interpreter at the same paths:
+a shared filesystem.
 """
 from __future__ import annotations
 
