@@ -19,6 +19,7 @@ import secrets
 import signal
 import socket
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -27,6 +28,10 @@ import yaml
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
+# DeepSpeed's ZeRO (pinned) calls a collective torch 2.13 renamed: two lines per rank of a data-parallel
+# run that no user can act on
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader, build_val_loader
 from model.kernels import use_kernel
