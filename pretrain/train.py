@@ -210,7 +210,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     layout = plan_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     grad_accum, global_batch = cfg.batch_plan(layout.dp)
     streams = check_data(cfg, layout.tp)
-    resume = checkpoint.resume_point(cfg.run_dir, layout.to_dict(), cfg.model.to_dict())
+    checkpoint.resume_point(cfg.run_dir, layout.to_dict(), cfg.model.to_dict())    # same layout and model
     threads = configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     rank, world = init_distributed()
     os.makedirs(cfg.run_dir, exist_ok=True)
