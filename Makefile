@@ -8,7 +8,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
 
-.PHONY: env slurm test bench train clean
+.PHONY: env slurm test bench train smoke clean
 
 env: $(STAMP)
 
@@ -55,8 +55,19 @@ $(TINY_DATA): | $(STAMP)
 	$(VENV)/bin/braid data tokenizer configs/data/tiny.yaml
 	$(VENV)/bin/braid data prepare configs/data/tiny.yaml
 
+# configs/tiny.yaml as written (800 steps); TRAIN_ARGS adds key=value overrides, e.g.
+#   make train TRAIN_ARGS="run_dir=runs/short train.max_steps=20"
+TRAIN_ARGS ?=
+
 train: $(STAMP) $(TINY_DATA)
-	$(VENV)/bin/braid train configs/tiny.yaml
+	$(VENV)/bin/braid train configs/tiny.yaml $(TRAIN_ARGS)
+
+# The main job in a short form (CI runs it after the tests): data -> SMOKE_STEPS training steps ->
+# to-hf -> transformers generates -> an eval suite on the folder (.ci/smoke)
+SMOKE_STEPS ?= 20
+
+smoke: $(STAMP)
+	SMOKE_STEPS=$(SMOKE_STEPS) .ci/smoke
 
 clean:
 	rm -rf $(VENV)
