@@ -85,13 +85,24 @@ def launch_ranks(script: str, world: int, argument: str,
 
 
 def wait_ranks(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
-    """Each rank's output once all exited 0; a failed rank's output is the assertion message."""
+    """Each rank's output once all exited 0. Every rank's pipe is drained at once (a rank blocked on a
+    full pipe cannot stall the others), and a failure reports every rank's exit code and output tail:
+    the rank that crashed first is often not rank 0, whose own error is then a closed connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def collect(proc: subprocess.Popen) -> str:
+        try:
+            return proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.communicate()[0] + f"\n[killed after {timeout} s]"
+
     try:
-        outputs = []
-        for proc in procs:
-            output, _ = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, output
-            outputs.append(output)
+        with ThreadPoolExecutor(len(procs)) as pool:
+            outputs = list(pool.map(collect, procs))
+        failed = [r for r, proc in enumerate(procs) if proc.returncode != 0]
+        assert not failed, "\n".join(f"--- rank {r} exited {procs[r].returncode}:\n{outputs[r][-3000:]}"
+                                      for r in range(len(procs)))
         return outputs
     finally:
         for proc in procs:          # the other ranks of a failed job would wait for it
