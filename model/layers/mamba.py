@@ -70,16 +70,17 @@ class Mamba(KernelDispatch, nn.Module):
         continuing = cache is not None and not cache.empty
         documents = self.cfg.packed_resets == "exact" or cache is not None
         reset = seq.reset if documents else None
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x, conv_state = self.short_conv(x, self.conv1d, seq, cache, silu=True, documents=documents)
         # selective_scan_fn has no reset input: it is a candidate only for rows without document starts
         candidates = ([(SCAN_CUDA, None)] if reset is None else []) + \
             [(SCAN_TRITON, triton_state_rule("model.mamba.d_state", self.d_state))]
         scan = self.choose("scan", candidates, x.device, continuing)
-        x, z = self.in_proj(x).chunk(2, dim=-1)
-        x, conv_state = self.short_conv(x, self.conv1d, seq, cache, silu=True, documents=documents)
         dt, B, C = self.all_reduce(self.x_proj(x)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if scan is SCAN_CUDA:
             return self._selective_scan_fn(x, dt, B, C, z, conv_state, cache)
-        dt = F.softplus(self.dt_proj(dt).float())                             # (B, L, D)
+        # dt's bias added in fp32 (as selective_scan_fn's delta_bias), after the projection's bf16 matmul
+        dt = F.softplus((dt @ self.dt_proj.weight.t()).float() + self.dt_proj.bias.float())   # (B, L, D)
         A = -torch.exp(self.A_log.float())                                    # (D, N)
         x, B, C = x.float(), B.float(), C.float()
         initial = cache.state if continuing else None

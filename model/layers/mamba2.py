@@ -61,10 +61,10 @@ class Mamba2(KernelDispatch, nn.Module):
 
     def forward(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None = None) -> Tensor:
         continuing = cache is not None and not cache.empty
-        scan = self.choose("scan", [(SIMPLE_GLA_TRITON, None)], x.device, continuing)
         batch, length, _ = x.shape
         z, xbc, dt = self._split(self.in_proj(x))
         xbc, conv_state = self.short_conv(xbc, self.conv1d, seq, cache, silu=True)
+        scan = self.choose("scan", [(SIMPLE_GLA_TRITON, None)], x.device, continuing)
         xs, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())                   # (B, L, H)
         log_decay = dt * -torch.exp(self.A_log.float())                      # (B, L, H)

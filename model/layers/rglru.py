@@ -109,9 +109,9 @@ class RecurrentBlock(KernelDispatch, nn.Module):
 
     def forward(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None = None) -> Tensor:
         continuing = cache is not None and not cache.empty
-        scan = self.choose("scan", [(SCAN_TRITON, None)], x.device, continuing)
         y = F.gelu(self.linear_y(x), approximate="tanh")
         x, conv_state = self.short_conv(self.linear_x(x), self.conv_1d, seq, cache, silu=False)
+        scan = self.choose("scan", [(SCAN_TRITON, None)], x.device, continuing)
         h = self.rg_lru(x, seq.positions == 0, cache.state if continuing else None,
                         seq.cu_seqlens if scan is not None else None)
         if cache is not None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import Kernel, flash_attn_rule, kernel
+from .precision import full_precision
 
 ATTN_CUDA = Kernel("flash_attn.varlen", ("flash_attn",), "cuda")
 ATTN_FLEX = Kernel("torch.flex_attention", (), "torch")
@@ -50,6 +51,7 @@ def attention_kernels(head_dim: int) -> list[tuple[Kernel, str | None]]:
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+@full_precision
 def attention(
     q: Tensor,
     k: Tensor,

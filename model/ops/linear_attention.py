@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import Kernel, kernel
+from .precision import full_precision
 
 GLA_TRITON = Kernel("fla.chunk_gla", ("fla",), "triton")
 SIMPLE_GLA_TRITON = Kernel("fla.chunk_simple_gla", ("fla",), "triton")
@@ -32,6 +33,7 @@ SIMPLE_GLA_TRITON = Kernel("fla.chunk_simple_gla", ("fla",), "triton")
 SUB_CHUNK = 8
 
 
+@full_precision
 def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
                           state: Tensor) -> tuple[Tensor, Tensor]:
     """One token. q, k: (B, H, K); v: (B, H, V); log_decay: (B, H, K) or (B, H, 1);
@@ -83,6 +85,7 @@ def linear_attention_naive(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
     return torch.stack(outputs, dim=2), state
 
 
+@full_precision
 def chunk_linear_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
                            initial_state: Tensor | None = None, reset: Tensor | None = None,
                            chunk_size: int = 64) -> tuple[Tensor, Tensor]:
