@@ -41,8 +41,9 @@ REFERENCE = "reference"
 CPU_RUNTIMES: set[str] = set()
 
 
-class KernelUnavailable(RuntimeError):
-    """model.kernels=cuda asked for a kernel that cannot run here."""
+class KernelUnavailable(RuntimeError, ValueError):
+    """model.kernels=cuda asked for a kernel that cannot run here (a ValueError too: `braid`
+    reports it in one line, as a configuration that does not fit the machine)."""
 
 
 @dataclass(frozen=True)

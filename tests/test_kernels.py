@@ -235,7 +235,7 @@ def test_flow_runs_selective_scan_fn_and_lets_states_cross_documents(runtimes):
 
 # ---- whole models: a packed training step of every preset --------------------------------------
 
-@pytest.mark.parametrize("name", ["tiny", "samba-421m", "griffin", "mamba2-hybrid"])
+@pytest.mark.parametrize("name", ["tiny", "samba-421m", "samba-1.3b", "griffin", "mamba2-hybrid"])
 def test_packed_training_step_of_every_preset_runs_every_sublayer_on_a_kernel(name, runtimes):
     runtimes("cuda")                       # stand-ins for the C++ kernels, Triton under the interpreter
     cfg = small_preset(name, d_model=32, mlp_hidden=48,
@@ -258,6 +258,33 @@ def test_packed_training_step_of_every_preset_runs_every_sublayer_on_a_kernel(na
     assert abs(losses[0] - losses[1]) < 1e-2 * losses[1]          # attention in bf16 on flash-attn
     for (n, p), q in zip(fast.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, 5e-2, f"gradient of {n}")
+
+
+def test_deepspeed_training_step_on_loader_batches_runs_every_sublayer_on_a_kernel(shards, tmp_path, runtimes):
+    """The real step: ParallelEngine.train_step (DeepSpeed, ZeRO-1) on the training loader's packed
+    batches (two documents per row), model.kernels=cuda, every sublayer kind of the tiny preset."""
+    runtimes("cuda")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader
+    from pretrain.config import train_config
+    from pretrain.parallel import Layout, ParallelEngine
+    from pretrain.train import deepspeed_config, init_distributed
+    cfg = train_config({"run_dir": str(tmp_path / "run"), "data": {"train": [shards], "seq_len": 32, "micro_batch": 2},
+                        "model": {"preset": "tiny", "vocab_size": 256, "d_model": 32, "mlp_hidden": 48, "kernels": "cuda",
+                                  "attn": {"window": 8, "head_dim": 16, "n_heads": 2, "n_kv_heads": 1},
+                                  "gla": {"chunk_size": 16, "n_heads": 2}, "rglru": {"n_heads": 2},
+                                  "mamba": {"d_state": 8}},
+                        "train": {"val_every": 0}})
+    init_distributed()
+    engine = ParallelEngine(cfg, Layout(tp=1, pp=1, dp=1), 0, deepspeed_config(cfg))
+    loader = build_train_loader(LoaderConfig(streams=[StreamSource(path=shards)], seq_len=32, batch_size=2, seed=0),
+                                dp_rank=0, dp_world_size=1)
+    batches = loader.batches()
+    losses = [float(engine.train_step(batches)) for _ in range(2)]
+    record = kernel_dispatch.dispatch_record(engine.module)
+    assert bypasses(record) == {} and len(record) == 5, record
+    assert record["layers.0 (mamba)"] == {"conv": "causal_conv1d", "scan": "braid.selective_scan_triton"}
+    assert all(0 < loss < 10 for loss in losses)
 
 
 def test_kernels_cuda_on_an_unsupported_shape_names_block_and_rule(runtimes):
