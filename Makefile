@@ -8,7 +8,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
 
-.PHONY: env slurm test bench train smoke clean
+.PHONY: env slurm test test-kernels kernels bench train smoke clean
 
 env: $(STAMP)
 
@@ -37,6 +37,23 @@ $(SLURM_STAMP):
 
 test: $(STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
+
+# The `cuda` extra on a machine without nvcc or a GPU: Triton, fla-core, and the CUDA C++ libraries'
+# Python parts (their extension builds skipped; tests/kernel_standins.py stands in for the extensions).
+# --no-build-isolation: the sdists build against the installed torch instead of downloading one.
+KERNELS_STAMP := $(VENV)/.kernels
+NO_CUDA_BUILD := MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE \
+	MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE
+
+kernels: $(KERNELS_STAMP)
+
+$(KERNELS_STAMP): $(STAMP)
+	$(NO_CUDA_BUILD) $(PY) -m pip install -q --no-build-isolation -e ".[cuda]"
+	touch $(KERNELS_STAMP)
+
+# Braid's blocks on packed rows through every fast path, on CPU: Triton kernels under the interpreter
+test-kernels: $(KERNELS_STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m kernels tests/test_kernels.py --durations=10
 
 bench: $(STAMP) data/tiny/braid_data.json
 	$(PY) benchmarks/bench_scans.py

@@ -35,8 +35,8 @@ REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
 REMOTE_SOURCES = ["config.py", "cache.py", "sequence.py", "kernels.py", "hybrid.py", "layers/__init__.py",
                   *(f"layers/{n}" for n in ("common.py", "attention.py", "gla.py", "mamba.py", "mamba2.py",
                                            "mlp.py", "rglru.py")),
-                  *(f"ops/{n}" for n in ("attention.py", "conv.py", "linear_attention.py", "scan.py",
-                                        "selective_scan.py"))]
+                  *(f"ops/{n}" for n in ("attention.py", "conv.py", "linear_attention.py", "precision.py",
+                                        "scan.py", "selective_scan.py"))]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

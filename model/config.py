@@ -76,6 +76,11 @@ class MambaConfig:
     head_dim: int = 64          # Mamba-2 only
     n_groups: int = 1           # Mamba-2 only: B and C shared by n_heads / n_groups heads
     chunk_size: int = 64        # Mamba-2's SSD chunk (Mamba-1's fused scan sizes its chunks to the cache)
+    # Mamba-1 on packed training rows (no cache): `exact` restarts conv and state at every document
+    # (Braid's Triton selective scan on GPU); `flow` lets them run on across the documents of a row, as
+    # Samba trains, so mamba-ssm's CUDA selective_scan_fn (which has no reset input) runs. Generation
+    # (a cache) always restarts at document starts, so left padding never leaks into a prompt.
+    packed_resets: str = "exact"
 
 
 @dataclass
@@ -189,6 +194,8 @@ class ModelConfig:
             for name in ("d_state", "d_conv", "expand", "chunk_size"):
                 _require(getattr(m, name) > 0, f"model.mamba.{name}={getattr(m, name)}: must be > 0")
             _require(0 < m.dt_min <= m.dt_max, f"model.mamba.dt_min={m.dt_min}, dt_max={m.dt_max}: need 0 < dt_min <= dt_max")
+            _require(m.packed_resets in ("exact", "flow"),
+                     f"model.mamba.packed_resets={m.packed_resets!r}: must be exact or flow")
             if m.version == 2:
                 _require(self.d_inner % m.head_dim == 0,
                          f"model.mamba.head_dim={m.head_dim} does not divide d_inner={self.d_inner} (expand * d_model)")
@@ -246,9 +253,12 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def _samba(n_pairs: int, d_model: int, n_heads: int, mlp_hidden: int) -> ModelConfig:
     # microsoft/Samba: Mamba-1 (d_state 16, expand 2), SWA 2048 with 128-dim heads, SwiGLU, tied.
+    # packed_resets=flow: Samba trains on packed rows with mamba_simple's causal_conv1d_fn and
+    # selective_scan_fn, whose state runs on across documents (SWA is still masked per document);
+    # so its recipe is reproduced and mamba-ssm's CUDA scan runs. `exact` is one override away.
     return ModelConfig(
         vocab_size=32000, d_model=d_model, pattern="M-S-" * n_pairs, mlp_hidden=mlp_hidden,
-        max_seq_len=4096, mamba=MambaConfig(version=1, d_state=16, d_conv=4, expand=2),
+        max_seq_len=4096, mamba=MambaConfig(version=1, d_state=16, d_conv=4, expand=2, packed_resets="flow"),
         attn=AttentionConfig(n_heads=n_heads, window=2048),
     )
 

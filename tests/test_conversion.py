@@ -61,7 +61,7 @@ def test_remote_code_imports_only_torch_and_its_own_files():
             path = os.path.join(tmp, name)
             assert set(get_imports(path)) <= {"torch", "transformers", "math", "dataclasses", "functools",
                                               "importlib", "warnings", "typing", "collections", "__future__",
-                                              "re", "contextlib"}, name
+                                              "re", "contextlib", "os"}, name
             for module in get_relative_imports(path):
                 assert module + ".py" in files, (name, module)
         # the model file names every module, so transformers copies them all into its cache
