@@ -8,7 +8,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
 
-.PHONY: env slurm test bench train clean
+.PHONY: env env-hf4 slurm test test-hf4 bench train clean
 
 env: $(STAMP)
 
@@ -18,6 +18,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(STREAMING)
 	touch $(STAMP)
+
+# The remote-code export is also tested under transformers 4.57 (the environment above has the newest 5.x):
+# a second, small environment with only what tests/test_hf_remote.py imports. Versions as 4.57.6 needs them.
+HF4_VENV := .venv-hf4
+HF4_STAMP := $(HF4_VENV)/.installed
+HF4_PACKAGES := transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2 safetensors==0.8.0 \
+	numpy==2.1.3 pyyaml==6.0.4 tqdm==4.70.1 pytest==9.2.0
+
+env-hf4: $(HF4_STAMP)
+
+$(HF4_STAMP): Makefile
+	test -x $(HF4_VENV)/bin/python || $(PYTHON) -m venv $(HF4_VENV)
+	$(HF4_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(HF4_VENV)/bin/python -m pip install -q $(HF4_PACKAGES)
+	touch $@
+
+test-hf4: $(HF4_STAMP)
+	$(HF4_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_hf_remote.py
 
 # A real Slurm for tests/test_launch_slurm.py: Debian 12's Slurm 22.05 packages, downloaded and extracted
 # here (never installed; tests/slurm_cluster.py runs the daemons from this folder). Once; `apt-get update`
@@ -35,8 +53,10 @@ $(SLURM_STAMP):
 	rm -rf $(SLURM_DIR)/debs
 	touch $@
 
-test: $(STAMP) $(SLURM_STAMP)
+# the whole suite (transformers 5.x), then the export's tests again under transformers 4.57
+test: $(STAMP) $(SLURM_STAMP) $(HF4_STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
+	$(MAKE) --no-print-directory test-hf4
 
 bench: $(STAMP) data/tiny/braid_data.json
 	$(PY) benchmarks/bench_scans.py
@@ -59,4 +79,4 @@ train: $(STAMP) $(TINY_DATA)
 	$(VENV)/bin/braid train configs/tiny.yaml
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(HF4_VENV)

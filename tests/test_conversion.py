@@ -14,98 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SMALL_PRESETS, small_preset
+from conftest import small_preset
 from conversion.checkpoint import load_training_checkpoint
-from conversion.hf import from_hf, load_hf_folder, read_hf_folder, remote_code, to_hf
+from conversion.hf import from_hf, read_hf_folder, to_hf
 from model import HybridLM, ModelConfig
-from model.generation import generate
-from pretrain.checkpoint import save_weights_only
+from test_hf_remote import hf_model, weights_checkpoint
 from test_train import ROOT, braid_train, losses, torchrun, write_config
-
-
-def weights_checkpoint(run_dir, cfg: ModelConfig, seed=0) -> dict:
-    """A run directory whose latest checkpoint holds a random HybridLM(cfg); returns its state dict."""
-    torch.manual_seed(seed)
-    model = HybridLM(cfg)
-    with torch.no_grad():                       # away from the init, so a dropped tensor would show
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    state = model.state_dict()
-    save_weights_only(str(run_dir), [state], cfg.to_dict(), {"tp": 1, "pp": 1}, source="test")
-    return state
-
-
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
 
 
 def assert_bitwise(a: dict, b: dict):
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-
-
-# ---- remote code, logits and generation, every preset --------------------------------------
-
-def test_remote_code_imports_only_torch_and_its_own_files():
-    files = remote_code()
-    assert {"configuration_braid.py", "modeling_braid.py", "braid_hybrid.py", "braid_cache.py"} <= set(files)
-    from transformers.dynamic_module_utils import get_imports, get_relative_imports
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                f.write(text)
-        for name in files:
-            path = os.path.join(tmp, name)
-            assert set(get_imports(path)) <= {"torch", "transformers", "math", "dataclasses", "functools",
-                                              "importlib", "warnings", "typing", "collections", "__future__",
-                                              "re", "contextlib"}, name
-            for module in get_relative_imports(path):
-                assert module + ".py" in files, (name, module)
-        # the model file names every module, so transformers copies them all into its cache
-        assert set(get_relative_imports(os.path.join(tmp, "modeling_braid.py"))) >= {
-            n.removesuffix(".py") for n in files if n.startswith("braid_")}
-
-
-@pytest.mark.parametrize("preset", sorted(SMALL_PRESETS))
-def test_hf_logits_and_greedy_generation_equal_braid(tmp_path, preset):
-    cfg = small_preset(preset, vocab_size=64)
-    weights_checkpoint(tmp_path / "run", cfg)
-    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
-    model = hf_model(tmp_path / "hf")
-    native, _ = load_hf_folder(str(tmp_path / "hf"))
-    native.eval()
-    assert type(model).__name__ == "BraidForCausalLM" and model.dtype == torch.float32
-
-    tokens = torch.randint(0, 64, (2, 40))
-    with torch.no_grad():
-        theirs, ours = model(tokens).logits, native(tokens)
-    assert (theirs - ours).abs().max().item() < 1e-5
-
-    # greedy, 64 new tokens, prompts of two lengths (left padding): far past the window of 8
-    prompts = [torch.randint(2, 64, (12,)).tolist(), torch.randint(2, 64, (5,)).tolist()]
-    ids = torch.tensor([prompts[0], [1] * 7 + prompts[1]])
-    mask = torch.tensor([[1] * 12, [0] * 7 + [1] * 5])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
-                         pad_token_id=1, eos_token_id=None)
-    expected = generate(native, prompts, 64)
-    assert out[:, 12:].tolist() == expected
-
-
-def test_generation_cache_is_constant_without_full_attention(tmp_path):
-    cfg = small_preset("samba-421m", vocab_size=64)                # M-S- only: no growing layer
-    weights_checkpoint(tmp_path / "run", cfg)
-    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
-    model = hf_model(tmp_path / "hf")
-    sizes = []
-    for new in (16, 96):
-        out = model.generate(input_ids=torch.randint(0, 64, (1, 20)), max_new_tokens=new, do_sample=False,
-                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=1)
-        assert type(out.past_key_values).__name__ == "HybridCache"
-        sizes.append(out.past_key_values.nbytes())
-    assert sizes[0] == sizes[1] > 0
 
 
 # ---- round trips ----------------------------------------------------------------------------
@@ -195,8 +115,9 @@ def test_folder_contents_tokenizer_and_model_card(tmp_path, trained, eval_tokeni
     config = json.loads((hf / "config.json").read_text())
     assert config["model_type"] == "braid" and config["auto_map"]["AutoModelForCausalLM"] == \
         "modeling_braid.BraidForCausalLM"
-    assert config["layer_types"] == ModelConfig.from_dict(config["braid"]).layer_types
-    assert config["torch_dtype"] == "bfloat16" and config["training"]["step"] == 3
+    assert config["sublayer_kinds"] == ModelConfig.from_dict(config["braid"]).layer_types
+    assert "layer_types" not in config          # transformers 5 checks that name against its own layer kinds
+    assert config["dtype"] == "bfloat16" and config["training"]["step"] == 3
     index = json.loads((hf / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and all((hf / f).is_file() for f in files)
@@ -209,8 +130,7 @@ def test_folder_contents_tokenizer_and_model_card(tmp_path, trained, eval_tokeni
     text = "the quick brown fox 123"
     assert tok(text)["input_ids"] == __import__("tokenizers").Tokenizer.from_file(eval_tokenizer_path).encode(
         text).ids
-    model = hf_model(hf)
-    assert model.dtype == torch.float32        # transformers' default; torch_dtype="auto" gives bf16
+    model = hf_model(hf, dtype=torch.float32)  # the default dtype is each version's (test_hf_remote.py)
     state, _, _ = load_training_checkpoint(trained)
     assert torch.equal(model.model.embed.weight, state["embed.weight"].bfloat16().float())
 
@@ -286,21 +206,3 @@ def test_cli_errors_are_one_line(tmp_path):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("braid: error: ") and "neither a checkpoint" in out.stderr
-
-
-def test_transformers_version_is_the_pinned_one():
-    import transformers
-    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
-    assert f'"transformers=={transformers.__version__}"' in pyproject
-
-
-def test_beam_search_reorders_the_hybrid_cache(tmp_path):
-    cfg = small_preset("tiny", vocab_size=64)
-    weights_checkpoint(tmp_path / "run", cfg)
-    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
-    model = hf_model(tmp_path / "hf")
-    ids = torch.randint(2, 64, (2, 10))
-    kwargs = dict(input_ids=ids, num_beams=3, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=1)
-    with_cache = model.generate(**kwargs)
-    recomputed = model.generate(**kwargs, use_cache=False)            # every step from scratch: no cache to reorder
-    assert with_cache.tolist() == recomputed.tolist()
