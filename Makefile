@@ -8,7 +8,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
 
-.PHONY: env env-hf4 slurm test test-hf4 bench train clean
+.PHONY: env env-hf4 gguf slurm test test-hf4 test-gguf bench train clean
 
 env: $(STAMP)
 
@@ -36,6 +36,29 @@ $(HF4_STAMP): Makefile
 
 test-hf4: $(HF4_STAMP)
 	$(HF4_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_hf_remote.py
+
+# Serving proof on CPU (opt-in, not part of `make test`: the build takes minutes): llama-cpp-python built
+# from its source package (llama.cpp compiled here, CPU only), and that package's llama.cpp tree unpacked
+# for its converter (convert_hf_to_gguf.py, gguf-py); tests/test_serving_gguf.py then converts native
+# exports to GGUF and checks llama.cpp's greedy tokens against Braid's.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_DIR := .cache/llama-cpp
+LLAMA_SDIST := $(LLAMA_DIR)/llama_cpp_python-0.3.36.tar.gz
+LLAMA_STAMP := $(LLAMA_DIR)/.built
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+gguf: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	mkdir -p $(LLAMA_DIR)
+	test -f $(LLAMA_SDIST) || $(PY) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_DIR) $(LLAMA_CPP_PYTHON)
+	tar xzf $(LLAMA_SDIST) -C $(LLAMA_DIR)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install -q $(LLAMA_SDIST)
+	touch $@
+
+test-gguf: $(LLAMA_STAMP)
+	BRAID_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q tests/test_serving_gguf.py
 
 # A real Slurm for tests/test_launch_slurm.py: Debian 12's Slurm 22.05 packages, downloaded and extracted
 # here (never installed; tests/slurm_cluster.py runs the daemons from this folder). Once; `apt-get update`

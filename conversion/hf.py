@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from conversion.native import BY_MODEL_TYPE, FAMILIES, Family, native_family, read_native
+from conversion.native import BY_MODEL_TYPE, FAMILIES, Family, native_family, read_native, serving_notes
 from model import ConfigError, HybridLM, ModelConfig
 
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
@@ -351,7 +351,8 @@ def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(_model_card(cfg, facts, n_params, n_embedding, name, out_dtype))
         written = sorted(os.listdir(staging))
-    return {"out_dir": os.path.abspath(out_dir), "checkpoint": os.path.abspath(tag), "step": info.get("step"),
+    notes = serving_notes(family, cfg) if family is not None else []
+    return {"out_dir": os.path.abspath(out_dir), "checkpoint": os.path.abspath(tag), "step": info.get("step"), "notes": notes,
             "format": name, "dtype": _dtype_name(out_dtype), "tensors": len(tensors), "parameters": n_params,
             "bytes": total, "weight_files": files, "files": written,
             "tokenizer": facts.get("tokenizer")}

@@ -89,7 +89,8 @@ def _blocker(cfg: ModelConfig, family: str) -> str | None:
             return f"model.attn.head_dim={cfg.head_dim}: qwen2 needs d_model / n_heads"
         return None
     if "S" in symbols:
-        return "sliding-window attention 'S' beside Mamba-2: the native hybrid classes attend over the whole context"
+        beside = " beside Mamba-2" if "M" in symbols else ""
+        return f"sliding-window attention 'S'{beside}: NemotronH and GraniteMoeHybrid attend over the whole context"
     if family == "nemotron_h":
         if "*" in symbols and a.rope:
             return "model.attn.rope=true: NemotronH's attention has no RoPE"
@@ -219,8 +220,8 @@ class Family:
                         out[f"{layer}{p.attention}.{proj}.bias"] = weight.new_zeros(weight.shape[0])
                 out[layer + "post_attention_layernorm.weight"] = mlp["norm.weight"]
                 out.update({f"{layer}{p.mlp}.{n}": t for n, t in p.mlp_tensors(mlp).items()})
-        if not tied:
-            out["lm_head.weight"] = state["lm_head.weight"]
+        if not tied:                            # NemotronH of a tied model: a copy of its own
+            out["lm_head.weight"] = state["lm_head.weight"].clone() if cfg.tie_embeddings else state["lm_head.weight"]
         return out
 
     def config(self, cfg: ModelConfig) -> dict[str, Any]:
@@ -309,7 +310,7 @@ class Family:
             require(not config.get(prefix + ("proj_bias" if prefix else "use_bias"), False),
                     prefix + ("proj_bias" if prefix else "use_bias"), "Braid's Mamba-2 projections have no bias")
             limit = config.get("time_step_limit")
-            require(limit is None or (float(limit[0]) == 0.0 and math.isinf(float(limit[1]))), "time_step_limit",
+            require(limit is None or (_float(limit[0]) == 0.0 and math.isinf(_float(limit[1]))), "time_step_limit",
                     "Braid's Mamba-2 does not clamp dt")
             if self.name == "nemotron_h":
                 require(float(config.get("time_step_min", 0.0)) == 0.0, "time_step_min",
@@ -485,6 +486,11 @@ class Family:
         return stored
 
 
+def _float(value: Any) -> float:
+    """A float of config.json; transformers 5 writes infinity as {"__float__": "Infinity"}."""
+    return float(value["__float__"] if isinstance(value, dict) else value)
+
+
 def _getter(config: dict[str, Any], where: str) -> Callable[[str], Any]:
     def get(field: str) -> Any:
         if config.get(field) is None:
@@ -549,16 +555,31 @@ def native_family(cfg: ModelConfig, name: str = "native") -> Family:
 
 
 def _closest_blocker(cfg: ModelConfig) -> str:
-    """The reason of the class nearest to the pattern: Mamba-2 hybrids, then attention-only, then Mamba."""
+    """The reason of the class nearest to the pattern, so the message names what stands in the way."""
     symbols = _symbols(cfg)
-    if "M" in symbols and cfg.mamba.version == 2 and symbols != {"M"}:
-        order = ["nemotron_h", "granitemoehybrid"] if cfg.mlp_activation == "relu2" or not cfg.attn.rope else \
-            ["granitemoehybrid", "nemotron_h"]
+    hybrid_first = ["nemotron_h", "granitemoehybrid"] if cfg.mlp_activation == "relu2" or not cfg.attn.rope else \
+        ["granitemoehybrid", "nemotron_h"]
+    if "M" in symbols and (cfg.mamba.version == 1 or symbols == {"M"}):
+        order = ["mamba" if symbols == {"M"} else "nemotron_h"]
     elif "M" in symbols:
-        order = ["mamba", "mamba2"]
+        order = hybrid_first
+    elif "S" in symbols or (cfg.attn.rope and cfg.mlp_activation == "swiglu"):
+        order = ["qwen2"]
     else:
-        order = ["qwen2", "nemotron_h", "granitemoehybrid"]
+        order = hybrid_first
     return _blocker(cfg, order[0]) or "no class fits"
+
+
+def serving_notes(family: Family, cfg: ModelConfig) -> list[str]:
+    """Where a server runs this folder differently from transformers (read in their sources)."""
+    notes = []
+    if family.name == "granitemoehybrid" and cfg.attn.rope and "mamba" in cfg.layer_types:
+        notes.append("llama.cpp: its converter writes GraniteMoeHybrid models with Mamba layers without RoPE "
+                     "(as Granite 4.0-H, which has none); for llama.cpp train with model.attn.rope=false")
+    if family.name in ("mistral", "qwen2") and "swa" in cfg.layer_types:
+        notes.append(f"llama.cpp: {family.architecture} runs without the sliding window there, exact while the "
+                     f"context fits in model.attn.window={cfg.attn.window}")
+    return notes
 
 
 def read_native(config: dict[str, Any], tensors: dict[str, Tensor], where: str) -> tuple[ModelConfig, dict[str, Tensor]]:
