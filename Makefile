@@ -3,7 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# installed --no-deps: its metadata pulls torchvision and a CUDA torch (see pyproject.toml)
+# installed --no-deps: its metadata pulls torchvision and a CUDA torch (see pyproject.toml); it also declares
+# transformers < 5, for modules Braid never imports (data_pipeline/mds.py loads only the MDS parts)
 STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
@@ -21,10 +22,12 @@ $(STAMP): pyproject.toml
 
 # The remote-code export is also tested under transformers 4.57 (the environment above has the newest 5.x):
 # a second, small environment with only what tests/test_hf_remote.py imports. Versions as 4.57.6 needs them.
+# llama.cpp's converter (make test-gguf) runs here too: llama.cpp pins transformers 4.57.6 for it, and it
+# imports sentencepiece.
 HF4_VENV := .venv-hf4
 HF4_STAMP := $(HF4_VENV)/.installed
 HF4_PACKAGES := transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.36.2 safetensors==0.8.0 \
-	numpy==2.1.3 pyyaml==6.0.4 tqdm==4.70.1 pytest==9.2.0
+	numpy==2.1.3 pyyaml==6.0.4 tqdm==4.70.1 pytest==9.2.0 sentencepiece==0.2.3
 
 env-hf4: $(HF4_STAMP)
 
@@ -57,8 +60,8 @@ $(LLAMA_STAMP): $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install -q $(LLAMA_SDIST)
 	touch $@
 
-test-gguf: $(LLAMA_STAMP)
-	BRAID_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q tests/test_serving_gguf.py
+test-gguf: $(LLAMA_STAMP) $(HF4_STAMP)
+	BRAID_REQUIRE_LLAMA_CPP=1 BRAID_GGUF_PYTHON=$(HF4_VENV)/bin/python $(PY) -m pytest -q tests/test_serving_gguf.py
 
 # A real Slurm for tests/test_launch_slurm.py: Debian 12's Slurm 22.05 packages, downloaded and extracted
 # here (never installed; tests/slurm_cluster.py runs the daemons from this folder). Once; `apt-get update`

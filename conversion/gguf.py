@@ -1,10 +1,15 @@
 """A native export as a GGUF file for llama.cpp, written by llama.cpp's own converter.
 
     braid convert to-hf runs/tiny runs/tiny/native --format native
-    python -m conversion.gguf runs/tiny/native model.gguf --llama-cpp PATH/TO/llama.cpp [--outtype f32]
+    python -m conversion.gguf runs/tiny/native model.gguf --llama-cpp PATH/TO/llama.cpp \
+        [--python .venv-hf4/bin/python] [--outtype f32]
 
 PATH/TO/llama.cpp is a llama.cpp source tree (its convert_hf_to_gguf.py, conversion/ and gguf-py/;
-`make gguf` unpacks the one inside llama-cpp-python's source package to .cache/llama-cpp/).
+`make gguf` unpacks the one inside llama-cpp-python's source package to .cache/llama-cpp/). The
+converter runs under `--python`: llama.cpp pins transformers 4.57.6 for it
+(requirements/requirements-convert_hf_to_gguf.txt), as `.venv-hf4` has. Under transformers 5 it reads
+a config through AutoConfig, whose dict lists every default, and takes a dense NemotronH for its
+MoE variant (it looks for `num_experts_per_tok`).
 
 Why a wrapper: the converter recognises a tokenizer's pre-tokenizer by hashing how it splits a
 test string, and refuses one it has no hash for. Braid's tokenizers (data_pipeline/tokenizer.py)
@@ -41,8 +46,9 @@ def is_gpt2_byte_level(tokenizer_path: str) -> bool:
             and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"))
 
 
-def convert(hf_dir: str, out_file: str, llama_cpp: str, outtype: str = "f32") -> None:
-    """Run llama.cpp's convert_hf_to_gguf.py on a native folder; its output and errors pass through."""
+def convert(hf_dir: str, out_file: str, llama_cpp: str, outtype: str = "f32", python: str | None = None) -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py on a native folder under `python` (default: this one);
+    its output and errors pass through."""
     script = os.path.join(llama_cpp, "convert_hf_to_gguf.py")
     if not os.path.isfile(script):
         raise FileNotFoundError(f"--llama-cpp {llama_cpp}: no convert_hf_to_gguf.py there (a llama.cpp source tree)")
@@ -60,7 +66,8 @@ def convert(hf_dir: str, out_file: str, llama_cpp: str, outtype: str = "f32") ->
     pre = "gpt2" if is_gpt2_byte_level(tokenizer) else "ask"
     # a clean import path: llama.cpp's `conversion` package, not this repository's
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, os.path.abspath(llama_cpp), pre, os.path.abspath(hf_dir),
+    python = os.path.abspath(python) if python and os.sep in python else (python or sys.executable)
+    subprocess.run([python, "-c", _RUN_CONVERTER, os.path.abspath(llama_cpp), pre, os.path.abspath(hf_dir),
                     "--outfile", os.path.abspath(out_file), "--outtype", outtype],
                    check=True, cwd=os.path.abspath(llama_cpp), env=env)
 
@@ -70,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("hf_dir", help="a folder written by `braid convert to-hf ... --format native`")
     parser.add_argument("out_file", help="the .gguf file to write")
     parser.add_argument("--llama-cpp", required=True, help="llama.cpp source tree (holds convert_hf_to_gguf.py)")
+    parser.add_argument("--python", help="interpreter for the converter (default: this one); llama.cpp pins "
+                                         "transformers 4.57.6 for it, as .venv-hf4 has")
     parser.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
                         help="weight type in the file (f32: the export's numbers unchanged)")
     args = parser.parse_args(argv)
     try:
-        convert(args.hf_dir, args.out_file, args.llama_cpp, args.outtype)
+        convert(args.hf_dir, args.out_file, args.llama_cpp, args.outtype, args.python)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

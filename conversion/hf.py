@@ -242,6 +242,13 @@ def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], mo
                                    model_input_names=["input_ids", "attention_mask"],
                                    clean_up_tokenization_spaces=False, **specials)
     fast.save_pretrained(folder)
+    # transformers 5 names its fast tokenizer class TokenizersBackend, which 4.x cannot load; both load
+    # PreTrainedTokenizerFast (so do llama.cpp's converter, pinned to 4.57, and vLLM)
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    with open(config_path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(config_path, tokenizer_config)
     return {"eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id}
 
 

@@ -149,7 +149,10 @@ def test_bf16_folder_loads_in_the_default_dtype_of_this_version(tmp_path, eval_t
     assert model.dtype == (torch.bfloat16 if TRANSFORMERS_5 else torch.float32)
     assert torch.equal(model.model.embed.weight.float(), native.embed.weight.float())
     assert hf_model(hf, dtype=torch.float32).dtype == torch.float32
-    # the tokenizer loads beside the config (5.x validates config.json with a generic config too)
+    # the tokenizer loads beside the config (5.x validates config.json with a generic config too), under a
+    # class name 4.x and 5.x both know (5.x would write its own, TokenizersBackend)
+    import json
+    assert json.loads((hf / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(hf))
     text = "the quick brown fox 123"
