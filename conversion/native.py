@@ -46,7 +46,6 @@ from model.config import ConfigError, SUBLAYERS
 # symbol -> what it is, for error messages
 SYMBOL_NAMES = {"M": "Mamba", "G": "gated linear attention", "S": "sliding-window attention", "*": "full attention",
                 "R": "RG-LRU recurrent block", "-": "MLP"}
-MIXERS = ("mamba", "gla", "swa", "attention", "rglru")
 KIND_SYMBOL = {kind: symbol for symbol, kind in SUBLAYERS.items()}
 
 
@@ -110,13 +109,13 @@ def _blocker(cfg: ModelConfig, family: str) -> str | None:
 
 # ---- layouts ------------------------------------------------------------------------------------
 
-def _zeros_like_sublayer(kind: str, cfg: ModelConfig) -> dict[str, Tensor]:
+def _zeros_like_sublayer(kind: str, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
     """An all-zero sublayer of `kind` (its norm weight ones): it adds nothing to the residual stream."""
     from model.layers import LinearSpec, build_mixer
     with torch.device("meta"):
         mixer = build_mixer(kind, cfg, LinearSpec())
-    tensors = {f"mixer.{name}": torch.zeros(p.shape) for name, p in mixer.named_parameters()}
-    return {"norm.weight": torch.ones(cfg.d_model), **tensors}
+    tensors = {f"mixer.{name}": torch.zeros(p.shape, dtype=dtype) for name, p in mixer.named_parameters()}
+    return {"norm.weight": torch.ones(cfg.d_model, dtype=dtype), **tensors}
 
 
 def _is_zero(tensor: Tensor) -> bool:
@@ -161,7 +160,7 @@ class Paired:
 
     def mlp_from(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.fused_mlp:
-            gate, up = tensors["input_linear.weight"].chunk(2, dim=0)
+            gate, up = (t.clone() for t in tensors["input_linear.weight"].chunk(2, dim=0))
             return {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": tensors["output_linear.weight"]}
         return {n: tensors[n] for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")}
 
@@ -180,7 +179,6 @@ class Family:
     architecture: str
     model_type: str
     paired: Paired | None = None        # None: one mixer per block under `backbone.`
-    needs_transformers_5: bool = False
 
     # -- export --
     def layer_kinds(self, cfg: ModelConfig) -> list[str]:
@@ -207,8 +205,9 @@ class Family:
             kinds = cfg.layer_types
             for j, (m, f) in enumerate(layer_pairs(kinds)):
                 kind = kinds[m] if m is not None else self.filler_kind(cfg)
-                mixer = _sublayer(state, m) if m is not None else _zeros_like_sublayer(kind, cfg)
-                mlp = _sublayer(state, f) if f is not None else _zeros_like_sublayer("mlp", cfg)
+                dtype = state["embed.weight"].dtype
+                mixer = _sublayer(state, m) if m is not None else _zeros_like_sublayer(kind, cfg, dtype)
+                mlp = _sublayer(state, f) if f is not None else _zeros_like_sublayer("mlp", cfg, dtype)
                 layer = f"model.layers.{j}."
                 out[layer + "input_layernorm.weight"] = mixer["norm.weight"]
                 for name, tensor in mixer.items():
@@ -528,7 +527,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForCausalLM", "llama", paired=Paired()),
     Family("mistral", "MistralForCausalLM", "mistral", paired=Paired()),
     Family("qwen2", "Qwen2ForCausalLM", "qwen2", paired=Paired(qkv_bias=True)),
-    Family("nemotron_h", "NemotronHForCausalLM", "nemotron_h", needs_transformers_5=True),
+    Family("nemotron_h", "NemotronHForCausalLM", "nemotron_h"),         # in transformers from 5.0
     Family("granitemoehybrid", "GraniteMoeHybridForCausalLM", "granitemoehybrid",
            paired=Paired(mlp="shared_mlp", fused_mlp=True)),
 )}
