@@ -23,6 +23,7 @@ SUBLAYERS = {
 }
 STAGE_BOUNDARY = "|"
 KERNEL_MODES = ("auto", "reference", "cuda")
+MLP_ACTIVATIONS = ("swiglu", "relu2")
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,7 @@ class AttentionConfig:
     n_kv_heads: int | None = None   # None -> n_heads (MHA); fewer -> grouped-query attention
     head_dim: int | None = None     # None -> d_model // n_heads
     window: int = 2048              # sliding window of `S`, in tokens, the query included
+    rope: bool = True               # rotary positions on q and k; false: none at all (Nemotron-H's attention)
     rope_base: float = 10000.0
 
 
@@ -116,6 +118,7 @@ class ModelConfig:
     d_model: int = 1536
     pattern: str = "M-S-" * 6
     mlp_hidden: int = 4096
+    mlp_activation: str = "swiglu"    # `-`: swiglu (gated SiLU) | relu2 (non-gated squared ReLU, Nemotron-H's)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -175,13 +178,16 @@ class ModelConfig:
         _require(self.norm_eps > 0, f"model.norm_eps={self.norm_eps}: must be > 0")
         _require(self.init_std > 0, f"model.init_std={self.init_std}: must be > 0")
         _require(self.kernels in KERNEL_MODES, f"model.kernels={self.kernels!r}: must be one of {', '.join(KERNEL_MODES)}")
+        _require(self.mlp_activation in MLP_ACTIVATIONS,
+                 f"model.mlp_activation={self.mlp_activation!r}: must be one of {', '.join(MLP_ACTIVATIONS)}")
         if kinds & {"swa", "attention"}:
             a = self.attn
             _require(a.n_heads > 0, f"model.attn.n_heads={a.n_heads}: must be > 0")
             _require(a.head_dim is not None or self.d_model % a.n_heads == 0,
                      f"model.attn.n_heads={a.n_heads} does not divide model.d_model={self.d_model} "
                      "(set model.attn.head_dim to decouple them)")
-            _require(self.head_dim % 2 == 0, f"model.attn.head_dim={self.head_dim}: must be even for RoPE")
+            _require(not a.rope or self.head_dim % 2 == 0,
+                     f"model.attn.head_dim={self.head_dim}: must be even for RoPE (or model.attn.rope=false)")
             _require(self.n_kv_heads > 0 and a.n_heads % self.n_kv_heads == 0,
                      f"model.attn.n_kv_heads={self.n_kv_heads} must divide model.attn.n_heads={a.n_heads}")
             _require(a.rope_base > 0, f"model.attn.rope_base={a.rope_base}: must be > 0")
@@ -285,6 +291,15 @@ PRESETS: dict[str, Any] = {
         vocab_size=32000, d_model=1024, pattern="MMMMM*-" * 4, mlp_hidden=4096, max_seq_len=4096,
         mamba=MambaConfig(version=2, d_state=128, d_conv=4, expand=2, head_dim=64, n_groups=8),
         attn=AttentionConfig(n_heads=16, n_kv_heads=8),
+    ),
+    # Nemotron-H's block choices (NVIDIA Nemotron-H 8B, scaled down): one mixer per residual block,
+    # Mamba-2, attention without RoPE, a non-gated squared-ReLU MLP, an untied head. Exports as
+    # transformers' NemotronHForCausalLM (`braid convert to-hf --format native`).
+    "nemotron-h": lambda: ModelConfig(
+        vocab_size=32000, d_model=1024, pattern="M-M-M*-" * 4, mlp_hidden=4096, mlp_activation="relu2",
+        tie_embeddings=False, max_seq_len=4096,
+        mamba=MambaConfig(version=2, d_state=128, d_conv=4, expand=2, head_dim=64, n_groups=8),
+        attn=AttentionConfig(n_heads=16, n_kv_heads=8, rope=False),
     ),
 }
 

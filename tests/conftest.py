@@ -2,6 +2,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -10,6 +11,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# remote code that transformers imports goes to a cache of this process's own, not the shared
+# ~/.cache/huggingface/modules, where a folder named like another one (`hf`) would share its modules
+if not os.environ.get("HF_MODULES_CACHE"):
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="braid-hf-modules-")
 torch.set_num_threads(1)   # pytest-xdist runs one worker per core
 
 from model import ModelConfig, get_preset  # noqa: E402
@@ -23,6 +28,8 @@ SMALL_PRESETS = {
     "griffin": dict(d_model=64, mlp_hidden=96, attn=dict(n_heads=4, window=8), rglru=dict(n_heads=4)),
     "mamba2-hybrid": dict(d_model=64, mlp_hidden=96, attn=dict(n_heads=4, n_kv_heads=2),
                           mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=8)),
+    "nemotron-h": dict(d_model=64, mlp_hidden=96, attn=dict(n_heads=4, n_kv_heads=2),
+                       mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=8)),
 }
 
 

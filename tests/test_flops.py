@@ -18,7 +18,7 @@ def _matmul_weights(module: nn.Module) -> int:
     return total
 
 
-_CASES = [(name, kind) for name in ("tiny", "samba-421m", "griffin", "mamba2-hybrid")
+_CASES = [(name, kind) for name in ("tiny", "samba-421m", "griffin", "mamba2-hybrid", "nemotron-h")
           for kind in sorted(set(get_preset(name).layer_types))]
 
 

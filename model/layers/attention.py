@@ -1,4 +1,5 @@
-"""Causal self-attention: sliding-window (`S`) and full (`*`), with RoPE and grouped-query heads.
+"""Causal self-attention: sliding-window (`S`) and full (`*`), with RoPE (or none: model.attn.rope=false)
+and grouped-query heads.
 
 Cache (`KVCache`): the last `window` keys/values in a ring buffer for `S` (constant
 memory), every key/value for `*`. Keys are cached after RoPE, so a slot's place in
@@ -25,6 +26,7 @@ class Attention(KernelDispatch, nn.Module):
         self.head_dim = cfg.head_dim
         self.n_heads = spec.local(cfg.attn.n_heads, "model.attn.n_heads")
         self.n_kv_heads = spec.local(cfg.n_kv_heads, "model.attn.n_kv_heads")
+        self.rope = cfg.attn.rope           # false: no positions at all (Nemotron-H); causality orders tokens
         self.rope_base = cfg.attn.rope_base
         self.init_dispatch(cfg)
         d, hd = cfg.d_model, cfg.head_dim
@@ -42,8 +44,9 @@ class Attention(KernelDispatch, nn.Module):
         q = heads(self.q_proj(x), self.n_heads)
         k = heads(self.k_proj(x), self.n_kv_heads)
         v = heads(self.v_proj(x), self.n_kv_heads)
-        cos, sin = rotary_cos_sin(seq.positions, self.head_dim, self.rope_base, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rope:
+            cos, sin = rotary_cos_sin(seq.positions, self.head_dim, self.rope_base, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         continuing = cache is not None and not cache.empty
         fast = self.choose("attention", attention_kernels(self.head_dim), x.device, continuing)
