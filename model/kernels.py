@@ -109,13 +109,14 @@ def select(mode: str, block: str, op: str, candidates: list[tuple[Kernel, str | 
         reasons.append("a cache continuation (decode step or chunked prefill) runs the reference step")
     else:
         for candidate, rule in candidates:
+            # the device first: on a CPU, whether a library is installed does not change the answer
             missing = [lib for lib in candidate.libraries if not kernel_importable(lib)]
-            if missing:
+            if not runs_on(candidate.runtime, device):
+                reason = f"tensors are on {device.type}, the kernel needs CUDA"
+            elif missing:
                 reason = "not importable: " + ", ".join(
                     f"{KERNEL_LIBRARIES[lib][0]} (pip install {KERNEL_LIBRARIES[lib][1]}, or braid[cuda])"
                     for lib in missing)
-            elif not runs_on(candidate.runtime, device):
-                reason = f"tensors are on {device.type}, the kernel needs CUDA"
             elif rule is not None:
                 reason = rule
             else:
