@@ -66,7 +66,9 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
         if tokenizer is None and own_tokenizer is not None:     # the file the data was made with, still
             check_recorded_tokenizer(own_tokenizer, data.get("tokenizer_sha256"), data.get("data_info"))
         eos_id, train_length = data.get("eos_id"), data.get("seq_len")
-        model = HybridLM(cfg)
+        # evals generate through a cache, whose continuation steps no kernel takes (model.kernels=cuda
+        # would refuse them): kernels where they apply, the reference step elsewhere
+        model = HybridLM(cfg.replace(kernels="auto"))
         model.load_state_dict(state)
         provenance = {"model": os.path.abspath(path), "kind": "checkpoint", "checkpoint": os.path.abspath(tag),
                       "step": info.get("step")}
