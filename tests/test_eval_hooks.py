@@ -49,7 +49,7 @@ def tensorboard_tags(run_dir):
 
 
 def ppl_options(shards):
-    return {"length": 24, "chunk": 8, "samples": 2, "batch_size": 2, "data": shards}
+    return {"length": 16, "chunk": 8, "samples": 2, "batch_size": 2, "data": shards}     # inside 16/17-token documents
 
 
 def test_inline_evals_land_in_metrics_and_tensorboard_once_across_a_restart(tmp_path, shards, eval_tokenizer_path):
