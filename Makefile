@@ -8,7 +8,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
 
-.PHONY: env slurm test bench train clean
+.PHONY: env slurm test bench train experiments clean
 
 env: $(STAMP)
 
@@ -57,6 +57,11 @@ $(TINY_DATA): | $(STAMP)
 
 train: $(STAMP) $(TINY_DATA)
 	$(VENV)/bin/braid train configs/tiny.yaml
+
+# the small-scale reproduction of the hybrids' headline behaviours (experiments/RESULTS.md); PRESET=smoke|cpu|gpu
+PRESET ?= cpu
+experiments: $(STAMP)
+	$(PY) -m experiments.hybrids --preset $(PRESET)
 
 clean:
 	rm -rf $(VENV)
