@@ -15,7 +15,7 @@ position is really that much context of its own text. Windows start at the begin
 distinct documents at least `length` tokens long, drawn by the seed; when fewer documents
 are that long, further non-overlapping windows of the long ones are taken (starting at
 length, 2*length ... into the document). Position past the training length therefore needs
-documents longer than it (the experiments build such a split: experiments/README.md).
+documents longer than it (experiments/configs/stdlib_modules.yaml builds such a split).
 --cross-documents cuts the windows from the documents' concatenated stream instead, EOS
 tokens between them and no boundary given to the model (the behaviour before windows were
 document-bounded).

@@ -58,6 +58,7 @@ MODELS = {
 }
 REFERENCE = "samba"           # the others' MLP width is solved to match its parameter count
 PARAM_TOLERANCE = 0.10
+THREADS: int | None = None    # --threads: torch threads of every process (None: torch's default)
 
 
 @dataclass
@@ -174,6 +175,8 @@ def solve_models(preset: Preset, vocab_size: int, names: list[str]) -> dict[str,
 def braid(args: list[str], log_path: str, device: str) -> None:
     """`braid ARGS` in a subprocess, its output in log_path; a failure stops the experiment naming the log."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -585,7 +588,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", help="run folders (default runs/experiments/PRESET)")
     parser.add_argument("--data", default=os.path.join(REPO, "data", "experiments"), help="prepared data folder")
     parser.add_argument("--out", help="summary folder (default experiments/results/PRESET)")
+    parser.add_argument("--threads", type=int, help="torch threads per process (default: torch's; on a CPU "
+                                                     "shared with other jobs, 1 avoids oversubscription)")
     args = parser.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
+    if THREADS:
+        import torch
+        torch.set_num_threads(THREADS)
 
     preset = dataclasses.replace(PRESETS[args.preset], seeds=args.seeds or PRESETS[args.preset].seeds)
     runs = os.path.abspath(args.runs or os.path.join(REPO, "runs", "experiments", args.preset))

@@ -34,6 +34,7 @@ def test_unequal_models_are_refused(monkeypatch):
 def test_smoke_preset_end_to_end(tmp_path):
     out, runs, data = tmp_path / "out", tmp_path / "runs", tmp_path / "data"
     command = [sys.executable, "-m", "experiments.hybrids", "--preset", "smoke", "--models", "samba", "transformer",
+               "--threads", "1",
                "--runs", str(runs), "--data", str(data), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1800)
