@@ -18,12 +18,12 @@ Stages (each skipped when its output exists, so a rerun resumes; `braid train` r
   2. pretrain: `braid train` per model and seed, the same data order and token count.
   3. finetune: a short retrieval fine-tune at the training length from each pretrained checkpoint
                (`braid train` on a weights-only start): passkey prompts (Samba's passkey fine-tune) and
-               phonebook prompts, plain and JRT-style, half of the rows, pretraining text the other half.
+               phonebook prompts, plain and JRT-style, in 90% of the rows, pretraining text in the rest.
                The documents are the eval generators' own, with other seeds, prepared by `braid data prepare`.
   4. evals:    ppl by position to >= 16x the training length on held-out documents that long (document-
                bounded windows), on the pretrained models; passkey from 1x to 16x and phonebook vs entries
                with and without JRT-Prompt (`repeat_context=2`) on the fine-tuned ones; decode speed and
-               memory vs context per model.
+               memory vs context of the four (seed 0) measured round-robin in one process.
   5. summary:  OUT/summary.json (every number, mean and spread over seeds), OUT/summary.md (tables) and
                PNGs; each suite's results.json stays in the run folders.
 
@@ -73,6 +73,7 @@ class Preset:
     ft_steps: int                     # retrieval fine-tune steps
     ft_lr: float
     ft_documents: int                 # fine-tune documents generated (the loader cycles over them)
+    ft_proportion: float              # share of retrieval rows in the fine-tune (the rest: pretraining text)
     ppl_length: int                   # tokens per ppl window (a multiple of the training length)
     ppl_samples: int
     passkey_lengths: list[int]
@@ -94,7 +95,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # every stage at toy size, a few minutes on 2 CPU cores (tests/test_experiments.py)
     "smoke": Preset(d_model=32, sublayers=12, seq_len=128, window=32, steps=6, micro_batch=2, lr=3e-3,
-                    ft_steps=4, ft_lr=1e-3, ft_documents=40, ppl_length=512, ppl_samples=2,
+                    ft_steps=4, ft_lr=1e-3, ft_documents=40, ft_proportion=0.9, ppl_length=512, ppl_samples=2,
                     passkey_lengths=[128, 256], passkey_depths=[0.0, 1.0], passkey_samples=1,
                     phonebook_entries=[2, 4], phonebook_samples=2, speed_lengths=[64, 256], seeds=[0],
                     n_heads=2, corpus_files="part-0000.jsonl.gz",
@@ -102,13 +103,13 @@ PRESETS: dict[str, Preset] = {
                     eval_batch=4, speed_decode_tokens=2, speed_repeats=1),
     # the CPU experiment (2 cores): about 1.6M parameters a model, 614K training tokens each
     "cpu": Preset(d_model=128, sublayers=12, seq_len=256, window=64, steps=600, micro_batch=4, lr=2e-3,
-                  ft_steps=150, ft_lr=1e-3, ft_documents=3000, ppl_length=8192, ppl_samples=8,
+                  ft_steps=400, ft_lr=2e-3, ft_documents=6000, ft_proportion=0.9, ppl_length=8192, ppl_samples=8,
                   passkey_lengths=[256, 512, 1024, 2048, 4096], passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
                   passkey_samples=2, phonebook_entries=[4, 8, 16, 32, 64], phonebook_samples=10,
                   speed_lengths=[256, 1024, 4096, 16384], seeds=[0, 1]),
     # the same experiment wider and longer, for a GPU (--device cuda)
     "gpu": Preset(d_model=512, sublayers=24, seq_len=1024, window=256, steps=4000, micro_batch=16, lr=1e-3,
-                  ft_steps=500, ft_lr=3e-4, ft_documents=20000, ppl_length=16384, ppl_samples=8,
+                  ft_steps=1000, ft_lr=5e-4, ft_documents=40000, ft_proportion=0.9, ppl_length=16384, ppl_samples=8,
                   passkey_lengths=[1024, 2048, 4096, 8192, 16384], passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
                   passkey_samples=4, phonebook_entries=[16, 32, 64, 128, 256], phonebook_samples=20,
                   speed_lengths=[1024, 4096, 16384, 65536], seeds=[0, 1, 2], n_heads=8, eval_batch=16),
@@ -209,10 +210,23 @@ def prepare_corpus(preset: Preset, data_root: str, logs: str, device: str) -> st
     return out
 
 
+PAD = " ."          # one token per copy after a newline (checked): fills a document to exactly one row
+
+
 def finetune_documents(tokenizer_path: str, preset: Preset, count: int, seed: int = 12345) -> list[dict[str, str]]:
-    """Retrieval documents that fit the training length: passkey prompts at random lengths and depths with
-    their answer (Samba's passkey fine-tune), and phonebook lookups, half of them JRT-Prompt (2 copies)."""
+    """Retrieval documents of exactly seq_len tokens (seq_len + 1 with the EOS the pipeline appends: one MDS row
+    each, so no document is split between rows and no answer loses the context it needs):
+
+    - even i: a passkey prompt at the training length, key at a uniform depth, and its answer (Samba's passkey
+      fine-tune at the training length);
+    - odd i: a phonebook of 2.. entries (every other one as JRT-Prompt, the phonebook twice) and its question
+      with the answer, then further questions about other listed people with theirs while they fit (several
+      lookups per row: a denser signal than one answer per document).
+
+    The rest of the row is PAD after the last answer's newline (generation stops at the newline). The
+    generators are the eval suites' own, with other seeds."""
     import random
+    import re
 
     from data_pipeline.tokenizer import load_tokenizer
     from evals.tasks import derive_seed
@@ -224,29 +238,48 @@ def finetune_documents(tokenizer_path: str, preset: Preset, count: int, seed: in
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    budget = preset.seq_len - 8                     # the answer, its period and the separating EOS
-    shortest = count_tokens(passkey_task.build_prompt("12345", 1, 0.5)[0]) + 8     # keys tokenize differently
-    if shortest > budget:
+    target = preset.seq_len
+    shortest = count_tokens(passkey_task.build_prompt("12345", 1, 0.5)[0] + " 12345.\n")
+    if shortest + 8 > target:
         raise ValueError(f"seq_len={preset.seq_len}: too short for a passkey prompt ({shortest} tokens)")
     rng = random.Random(seed)
-    most_entries = {copies: max(n for n in range(1, 400) if count_tokens(
-        phonebook_task.make_sample(count_tokens, n, 0, copies).prompt) <= budget or n == 1)
-        for copies in (1, 2)}
-    docs = []
-    for i in range(count):
+
+    def padded(text: str) -> str | None:
+        missing = target - count_tokens(text)
+        if missing < 0:
+            return None
+        text += PAD * missing
+        return text if count_tokens(text) == target else None
+
+    def phonebook_row(i: int) -> str | None:
+        copies = 1 + (i // 2) % 2
+        entries = rng.randint(2, 12 if copies == 1 else 6)
+        sample = phonebook_task.make_sample(count_tokens, entries, derive_seed(seed, "ft", i), copies)
+        book = dict(re.findall(r"^(.+): (\d{3}-\d{4}-\d{4})$", sample.prompt, re.M))
+        text = f"{sample.prompt} {sample.answers[0]}.\n"
+        for name in rng.sample(sorted(book), len(book)):
+            more = f"{phonebook_task.question(name)} {book[name]}.\n"
+            if count_tokens(text + more) > target:
+                break
+            text += more
+        return padded(text)
+
+    docs: list[dict[str, str]] = []
+    i = 0
+    while len(docs) < count:
         if i % 2 == 0:
-            length = rng.randint(max(budget // 4, shortest), budget)
-            sample = passkey_task.make_sample(count_tokens, length, rng.random(), derive_seed(seed, "ft", i), 0)
+            sample = passkey_task.make_sample(count_tokens, target, rng.random(), derive_seed(seed, "ft", i), 8)
+            text = padded(f"{sample.prompt} {sample.answers[0]}.\n")
         else:
-            copies = 1 + (i // 2) % 2
-            entries = rng.randint(1, most_entries[copies])
-            sample = phonebook_task.make_sample(count_tokens, entries, derive_seed(seed, "ft", i), copies)
-        docs.append({"id": f"retrieval-{i}", "text": f"{sample.prompt} {sample.answers[0]}.\n"})
+            text = phonebook_row(i)
+        if text is not None:
+            docs.append({"id": f"retrieval-{i}", "text": text})
+        i += 1
     return docs
 
 
 def prepare_finetune_data(preset: Preset, data_root: str, tokenizer: str, logs: str, device: str) -> str:
-    out = os.path.join(data_root, f"retrieval_L{preset.seq_len}")
+    out = os.path.join(data_root, f"retrieval_rows_L{preset.seq_len}_n{preset.ft_documents}")
     if os.path.isfile(os.path.join(out, "braid_data.json")):
         return out
     log(f"data: retrieval fine-tune documents -> {out}")
@@ -274,7 +307,7 @@ def train_config(run_dir: str, seed: int, cfg, streams: list[dict[str, Any]], va
         "schedule": {"name": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1},
         "train": {"max_steps": steps, "log_every": max(1, min(10, steps // 4)), "val_every": 0,
                   "val_samples": 16, "val_lengths": [1, 2, 4]},
-        "checkpoint": {"every": steps, "keep": 1},
+        "checkpoint": {"every": max(steps // 4, min(steps, 50)), "keep": 1},     # an interrupted run resumes
         "logging": {"tensorboard": False},
     }
 
@@ -325,32 +358,72 @@ def run_eval(what: str, suite: str, model_dir: str, out_dir: str, device: str, *
     return record
 
 
-def evaluate(name: str, seed: int, dirs: dict[str, str], preset: Preset, val: str, device: str,
-             speed: bool) -> dict[str, Any]:
-    out = {}
-    evals = os.path.join(dirs["pretrain"], "evals")
-    out["ppl"] = run_eval(f"{name} seed {seed}: ppl by position to {preset.ppl_length} tokens", "ppl",
-                          dirs["pretrain"], os.path.join(evals, "ppl"), device, data=val,
-                          length=preset.ppl_length, chunk=min(1024, preset.ppl_length), samples=preset.ppl_samples,
-                          batch_size=min(4, preset.ppl_samples), seed=0, progress=False)
-    evals = os.path.join(dirs["finetune"], "evals")
-    out["passkey"] = run_eval(f"{name} seed {seed}: passkey at {preset.passkey_lengths}", "passkey",
-                              dirs["finetune"], os.path.join(evals, "passkey"), device,
-                              lengths=preset.passkey_lengths, depths=preset.passkey_depths,
-                              samples=preset.passkey_samples, batch_size=preset.eval_batch, seed=0, progress=False)
+def evaluate_pretrained(name: str, seed: int, run_dir: str, preset: Preset, val: str, device: str) -> dict[str, Any]:
+    return {"ppl": run_eval(f"{name} seed {seed}: ppl by position to {preset.ppl_length} tokens", "ppl",
+                            run_dir, os.path.join(run_dir, "evals", "ppl"), device, data=val,
+                            length=preset.ppl_length, chunk=min(1024, preset.ppl_length),
+                            samples=preset.ppl_samples, batch_size=min(4, preset.ppl_samples), seed=0,
+                            progress=False)}
+
+
+def evaluate_finetuned(name: str, seed: int, run_dir: str, preset: Preset, device: str) -> dict[str, Any]:
+    evals = os.path.join(run_dir, "evals")
+    out = {"passkey": run_eval(f"{name} seed {seed}: passkey at {preset.passkey_lengths}", "passkey",
+                               run_dir, os.path.join(evals, "passkey"), device,
+                               lengths=preset.passkey_lengths, depths=preset.passkey_depths,
+                               samples=preset.passkey_samples, batch_size=preset.eval_batch, seed=0,
+                               progress=False)}
     for copies in (1, 2):
         out[f"phonebook_x{copies}"] = run_eval(
             f"{name} seed {seed}: phonebook of {preset.phonebook_entries} entries, context x{copies}", "phonebook",
-            dirs["finetune"], os.path.join(evals, f"phonebook_x{copies}"), device,
+            run_dir, os.path.join(evals, f"phonebook_x{copies}"), device,
             entries=preset.phonebook_entries, samples=preset.phonebook_samples, batch_size=preset.eval_batch,
             seed=0, progress=False, repeat_context=copies)
-    if speed:
-        out["speed"] = run_eval(f"{name}: decode speed and memory at {preset.speed_lengths}", "speed",
-                                dirs["pretrain"], os.path.join(dirs["pretrain"], "evals", "speed"), device,
-                                lengths=preset.speed_lengths, decode_tokens=preset.speed_decode_tokens,
-                                repeats=preset.speed_repeats, batch_size=1,
-                                prefill_chunk=min(1024, max(preset.speed_lengths)), twin=False)
     return out
+
+
+def speed_side_by_side(model_dirs: dict[str, str], preset: Preset, device: str, out_dir: str) -> dict[str, Any]:
+    """Prefill and decode speed and decode memory of every model at each context length, measured round-robin
+    (each model in turn at a length, `speed_repeats` rounds, the median kept) so that the load of a shared
+    machine drifts over all models alike; each measurement is the speed suite's own (evals.speed.measure_point).
+    Writes out_dir/results.json (suite "speed", one series per model) and speed.png."""
+    import torch
+
+    from evals.common import load_eval_model, write_results
+    from evals.speed import MEMORY_MEASURE, measure_point, plot
+    path = os.path.join(out_dir, "results.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    log(f"speed: {', '.join(model_dirs)} at {preset.speed_lengths}, {preset.speed_repeats} rounds")
+    models = {name: load_eval_model(d, device=device, dtype=torch.float32).model for name, d in model_dirs.items()}
+    chunk = min(1024, max(preset.speed_lengths))
+    for model in models.values():           # warm-up of both paths
+        measure_point(model, min(preset.speed_lengths), 2, 1, prefill_chunk=chunk)
+    points: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+    for length in preset.speed_lengths:
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+        for _ in range(preset.speed_repeats):
+            for name, model in models.items():
+                rounds[name].append(measure_point(model, length, preset.speed_decode_tokens, 1, 1, chunk))
+        for name, measured in rounds.items():
+            point = dict(measured[-1])
+            for key in ("decode_tokens_per_s", "decode_ms_per_step", "prefill_tokens_per_s", "prefill_s"):
+                point[key] = statistics.median(m[key] for m in measured)
+            point["decode_tokens_per_s_rounds"] = [m["decode_tokens_per_s"] for m in measured]
+            points[name].append(point)
+    settings = {"lengths": preset.speed_lengths, "decode_tokens": preset.speed_decode_tokens,
+                "rounds": preset.speed_repeats, "batch_size": 1, "prefill_chunk": chunk, "device": device,
+                "threads": torch.get_num_threads(), "models": model_dirs,
+                "patterns": {name: m.cfg.pattern for name, m in models.items()},
+                "memory_measure": MEMORY_MEASURE["cuda" if device.startswith("cuda") else "cpu"],
+                "timing": "each model in turn at each length, `rounds` times; per round one timed prefill of "
+                          "`length` tokens (in prefill_chunk pieces through the cache) and decode_tokens greedy "
+                          "single-token steps after it; the median over rounds"}
+    write_results(out_dir, "speed", {"points": points}, settings)
+    plot(points, os.path.join(out_dir, "speed.png"), "decode/prefill speed and memory vs context")
+    with open(path) as f:
+        return json.load(f)
 
 
 # ---- summary --------------------------------------------------------------------------------------
@@ -363,7 +436,7 @@ def spread(values: list[float]) -> dict[str, Any]:
             "values": values}
 
 
-def summarise(results: dict[str, dict[int, dict[str, Any]]], models: dict[str, Any], preset: Preset,
+def summarise(results: dict[str, dict[int, dict[str, Any]]], speed: dict[str, Any], models: dict[str, Any],
               meta: dict[str, Any]) -> dict[str, Any]:
     """Per model: ppl per position bucket, passkey accuracy per length, phonebook per entries (x1, x2),
     speed per length; each as mean/min/max over seeds."""
@@ -385,18 +458,19 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]], models: dict[str, A
             for i, b in enumerate(buckets)]
         entry["ppl_nll_at_train_length"] = spread([r["ppl"]["scores"]["nll_at_train_length"] for r in per_seed.values()])
         entry["ppl_nll_beyond"] = spread([r["ppl"]["scores"]["nll_beyond"] for r in per_seed.values()])
-        entry["passkey_by_length"] = {
-            length: spread([statistics.fmean(r["passkey"]["scores"]["grid"][length].values())
-                            for r in per_seed.values()])
-            for length in first["passkey"]["scores"]["grid"]}
-        entry["passkey_grid_seed0"] = first["passkey"]["scores"]["grid"]
-        for copies in (1, 2):
-            key = f"phonebook_x{copies}"
-            entry[key] = {n: spread([r[key]["scores"]["accuracy_by_entries"][n] for r in per_seed.values()])
-                          for n in first[key]["scores"]["accuracy_by_entries"]}
-            entry[f"{key}_prompt_tokens"] = first[key]["settings"]["prompt_tokens"]
-        if "speed" in first:
-            entry["speed"] = first["speed"]["scores"]["points"]["model"]
+        done = [r for r in per_seed.values() if "passkey" in r]          # fine-tuned and evaluated
+        if done:
+            entry["retrieval_seeds"] = [seed for seed, r in per_seed.items() if "passkey" in r]
+            entry["passkey_by_length"] = {
+                length: spread([statistics.fmean(r["passkey"]["scores"]["grid"][length].values()) for r in done])
+                for length in done[0]["passkey"]["scores"]["grid"]}
+            entry["passkey_grid_first_seed"] = done[0]["passkey"]["scores"]["grid"]
+            for copies in (1, 2):
+                key = f"phonebook_x{copies}"
+                entry[key] = {n: spread([r[key]["scores"]["accuracy_by_entries"][n] for r in done])
+                              for n in done[0][key]["scores"]["accuracy_by_entries"]}
+                entry[f"{key}_prompt_tokens"] = done[0][key]["settings"]["prompt_tokens"]
+        entry["speed"] = speed["scores"]["points"][name]
         summary["models"][name] = entry
     if "transformer" in summary["models"]:
         base = {p["length"]: p for p in summary["models"]["transformer"].get("speed", [])}
@@ -438,6 +512,15 @@ def markdown(summary: dict[str, Any]) -> str:
               "|---|" + "---|" * len(buckets)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(fmt(b["ppl"], 1) for b in models[n]["ppl_by_position"]) + " |")
+    tuned = [n for n in names if "passkey_by_length" in models[n]]
+    if tuned:
+        lines += retrieval_tables(models, tuned, meta)
+    lines += speed_table(models, names, meta)
+    return "\n".join(lines)
+
+
+def retrieval_tables(models: dict[str, Any], names: list[str], meta: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     lengths = list(models[names[0]]["passkey_by_length"])
     lines += ["", "## Passkey accuracy (%) after the retrieval fine-tune at the training length", "",
               "| model | " + " | ".join(f"{int(x) // meta['seq_len']}x ({x})" for x in lengths) + " |",
@@ -456,6 +539,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("Prompt tokens (context once / twice): " + ", ".join(
         f"{e}: {tokens['phonebook_x1_prompt_tokens'][e]:.0f} / {tokens['phonebook_x2_prompt_tokens'][e]:.0f}"
         for e in entries))
+    return lines
+
+
+def speed_table(models: dict[str, Any], names: list[str], meta: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if all("speed" in models[n] for n in names):
         speed_lengths = [p["length"] for p in models[names[0]]["speed"]]
         lines += ["", f"## Decode speed (tokens/s, batch 1) and decode memory (MiB) vs context ({meta['device']}, "
@@ -472,7 +560,14 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("")
         lines.append("(x): decode tokens/s relative to the transformer at the same context, measured in the same run.")
     lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def band(ax, xs: list[float], stats: list[dict[str, Any]], label: str, color: str) -> None:
+    """The mean over seeds as a line, min..max as a shaded band."""
+    ax.plot(xs, [s["mean"] for s in stats], marker="o", label=label, color=color)
+    if any(s["n"] > 1 for s in stats):
+        ax.fill_between(xs, [s["min"] for s in stats], [s["max"] for s in stats], alpha=0.2, color=color)
 
 
 def plots(summary: dict[str, Any], out: str) -> list[str]:
@@ -482,13 +577,6 @@ def plots(summary: dict[str, Any], out: str) -> list[str]:
 
     models, meta = summary["models"], summary["meta"]
     written = []
-
-    def band(ax, xs, stats, label, color):
-        mean = [s["mean"] for s in stats]
-        ax.plot(xs, mean, marker="o", label=label, color=color)
-        if any(s["n"] > 1 for s in stats):
-            ax.fill_between(xs, [s["min"] for s in stats], [s["max"] for s in stats], alpha=0.2, color=color)
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, m) in enumerate(models.items()):
         xs = [math.sqrt(b["start"] * max(b["end"] - 1, b["start"])) for b in m["ppl_by_position"]]
@@ -506,6 +594,17 @@ def plots(summary: dict[str, Any], out: str) -> list[str]:
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
+    tuned = {name: m for name, m in models.items() if "passkey_by_length" in m}
+    if tuned:
+        written += retrieval_plots(tuned, meta, out)
+    written += speed_plot(models, meta, out)
+    return written
+
+
+def retrieval_plots(models: dict[str, Any], meta: dict[str, Any], out: str) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, m) in enumerate(models.items()):
         lengths = list(m["passkey_by_length"])
@@ -542,7 +641,13 @@ def plots(summary: dict[str, Any], out: str) -> list[str]:
     written.append(os.path.join(out, "phonebook.png"))
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
+    return written
 
+
+def speed_plot(models: dict[str, Any], meta: dict[str, Any], out: str) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    written = []
     if all("speed" in m for m in models.values()):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
         for i, (name, m) in enumerate(models.items()):
@@ -577,6 +682,33 @@ def last_metrics(run_dir: str) -> dict[str, Any]:
                 out["loss"] = record["loss"]
             out.update({k: v for k, v in record.items() if k.startswith("val_loss@")})
     return out
+
+
+def write_summary(results: dict[str, dict[int, dict[str, Any]]], speed: dict[str, Any], models: dict[str, Any],
+                  meta: dict[str, Any], runs: str, out: str) -> list[str]:
+    """OUT/summary.json, summary.md, the PNGs, and raw/: a copy of every suite's results.json."""
+    summary = summarise(results, speed, models, meta)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(markdown(summary))
+    figures = plots(summary, out)
+    raw = os.path.join(out, "raw")
+    os.makedirs(os.path.join(raw, "speed"), exist_ok=True)
+    shutil.copyfile(os.path.join(runs, "speed", "results.json"), os.path.join(raw, "speed", "results.json"))
+    for name, per_seed in results.items():
+        for seed in per_seed:
+            for stage in ("pretrain", "finetune"):
+                src = os.path.join(runs, f"{name}-s{seed}", stage, "evals")
+                if os.path.isdir(src):
+                    for suite in os.listdir(src):
+                        path = os.path.join(src, suite, "results.json")
+                        if os.path.isfile(path):
+                            dst = os.path.join(raw, f"{name}-s{seed}", suite)
+                            os.makedirs(dst, exist_ok=True)
+                            shutil.copyfile(path, os.path.join(dst, "results.json"))
+    log(f"summary: {os.path.join(out, 'summary.md')}")
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,53 +747,47 @@ def main(argv: list[str] | None = None) -> int:
     finetune_data = prepare_finetune_data(preset, os.path.abspath(args.data), tokenizer, logs, args.device)
     train_split, val_split = os.path.join(corpus, "train"), os.path.join(corpus, "val")
 
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    for seed in preset.seeds:
-        for name in args.models:
-            cfg = models[name]["config"]
-            dirs = {"pretrain": os.path.join(runs, f"{name}-s{seed}", "pretrain"),
-                    "finetune": os.path.join(runs, f"{name}-s{seed}", "finetune")}
-            if not finished(dirs["pretrain"], preset.steps):
-                log(f"train {name} seed {seed}: {preset.steps} steps x {preset.micro_batch} x {preset.seq_len} tokens")
-                run_training(train_config(dirs["pretrain"], seed, cfg, [{"path": train_split}], val_split, preset,
-                                          preset.steps, preset.lr),
-                             os.path.join(logs, f"{name}-s{seed}-pretrain.log"), args.device)
-            if not finished(dirs["finetune"], preset.ft_steps):
-                log(f"fine-tune {name} seed {seed}: {preset.ft_steps} steps, retrieval + pretraining text")
-                start_finetune(dirs["pretrain"], dirs["finetune"])
-                streams = [{"path": os.path.join(finetune_data, "train"), "proportion": 0.5},
-                           {"path": train_split, "proportion": 0.5}]
-                run_training(train_config(dirs["finetune"], seed, cfg, streams, None, preset, preset.ft_steps,
-                                          preset.ft_lr),
-                             os.path.join(logs, f"{name}-s{seed}-finetune.log"), args.device)
-            record = evaluate(name, seed, dirs, preset, val_split, args.device, speed=seed == preset.seeds[0])
-            record["train"] = last_metrics(dirs["pretrain"])
-            results.setdefault(name, {})[seed] = record
-
     import torch
     meta = {"preset": args.preset, "preset_settings": dataclasses.asdict(preset), "seeds": preset.seeds,
             "seq_len": preset.seq_len, "train_tokens": preset.steps * preset.micro_batch * preset.seq_len,
             "finetune_tokens": preset.ft_steps * preset.micro_batch * preset.seq_len, "device": args.device,
             "threads": torch.get_num_threads(), "runs": runs, "data": corpus, "finetune_data": finetune_data,
-            "wall_s": round(time.time() - started, 1), "python": sys.version.split()[0], "torch": torch.__version__}
-    summary = summarise(results, models, preset, meta)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(markdown(summary))
-    figures = plots(summary, out)
-    raw = os.path.join(out, "raw")                  # every suite's results.json, beside the summary
-    for name, per_seed in results.items():
-        for seed in per_seed:
-            for stage in ("pretrain", "finetune"):
-                src = os.path.join(runs, f"{name}-s{seed}", stage, "evals")
-                if os.path.isdir(src):
-                    for suite in os.listdir(src):
-                        path = os.path.join(src, suite, "results.json")
-                        if os.path.isfile(path):
-                            dst = os.path.join(raw, f"{name}-s{seed}", suite)
-                            os.makedirs(dst, exist_ok=True)
-                            shutil.copyfile(path, os.path.join(dst, "results.json"))
+            "python": sys.version.split()[0], "torch": torch.__version__}
+
+    def run_dirs(name: str, seed: int) -> dict[str, str]:
+        return {stage: os.path.join(runs, f"{name}-s{seed}", stage) for stage in ("pretrain", "finetune")}
+
+    # phase 1: pretraining and perplexity, every seed (the claims about length extrapolation)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed in preset.seeds:
+        for name in args.models:
+            dirs = run_dirs(name, seed)
+            if not finished(dirs["pretrain"], preset.steps):
+                log(f"train {name} seed {seed}: {preset.steps} steps x {preset.micro_batch} x {preset.seq_len} tokens")
+                run_training(train_config(dirs["pretrain"], seed, models[name]["config"], [{"path": train_split}],
+                                          val_split, preset, preset.steps, preset.lr),
+                             os.path.join(logs, f"{name}-s{seed}-pretrain.log"), args.device)
+            record = evaluate_pretrained(name, seed, dirs["pretrain"], preset, val_split, args.device)
+            record["train"] = last_metrics(dirs["pretrain"])
+            results.setdefault(name, {})[seed] = record
+    # phase 2: decode speed and memory, the seed-0 models side by side
+    speed = speed_side_by_side({name: run_dirs(name, preset.seeds[0])["pretrain"] for name in args.models},
+                               preset, args.device, os.path.join(runs, "speed"))
+    write_summary(results, speed, models, {**meta, "wall_s": round(time.time() - started, 1)}, runs, out)
+    # phase 3: the retrieval fine-tune and the retrieval suites, every seed
+    for seed in preset.seeds:
+        for name in args.models:
+            dirs = run_dirs(name, seed)
+            if not finished(dirs["finetune"], preset.ft_steps):
+                log(f"fine-tune {name} seed {seed}: {preset.ft_steps} steps, {preset.ft_proportion:.0%} retrieval rows")
+                start_finetune(dirs["pretrain"], dirs["finetune"])
+                streams = [{"path": os.path.join(finetune_data, "train"), "proportion": preset.ft_proportion},
+                           {"path": train_split, "proportion": round(1 - preset.ft_proportion, 6)}]
+                run_training(train_config(dirs["finetune"], seed, models[name]["config"], streams, None, preset,
+                                          preset.ft_steps, preset.ft_lr),
+                             os.path.join(logs, f"{name}-s{seed}-finetune.log"), args.device)
+            results[name][seed].update(evaluate_finetuned(name, seed, dirs["finetune"], preset, args.device))
+    figures = write_summary(results, speed, models, {**meta, "wall_s": round(time.time() - started, 1)}, runs, out)
     log(f"done in {time.time() - started:.0f}s: {os.path.join(out, 'summary.md')}, {len(figures)} plots, raw/")
     return 0
 
