@@ -54,6 +54,17 @@ def time_steps(model: HybridLM, state: dict, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def summarize(hybrid: dict, twin: dict, decode_tokens: int) -> dict:
+    """Fill each side's tokens/s (median window) and ms/token from its `runs_s`; return the ratios
+    hybrid / twin: of the medians, and the median of each back-to-back pair's ratio (which resists
+    load changing during the run)."""
+    for side in (hybrid, twin):
+        side["tokens_per_s"] = decode_tokens / statistics.median(side["runs_s"])
+        side["ms_per_token"] = 1000 / side["tokens_per_s"]
+    return {"ratio_tokens_per_s": hybrid["tokens_per_s"] / twin["tokens_per_s"],
+            "ratio_median_of_pairs": statistics.median(t / h for h, t in zip(hybrid["runs_s"], twin["runs_s"]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
@@ -91,15 +102,9 @@ def main() -> None:
             for _ in range(args.repeats):
                 for kind, model in models.items():                           # alternate: side by side
                     entry[kind]["runs_s"].append(time_steps(model, states[kind], args.decode_tokens))
+            entry.update(summarize(entry["hybrid"], entry["twin"], args.decode_tokens))
             for kind in models:
-                e = entry[kind]
-                e["tokens_per_s"] = args.decode_tokens / statistics.median(e["runs_s"])
-                e["ms_per_token"] = 1000 / e["tokens_per_s"]
-                e["cache_bytes"] = states[kind]["cache"].nbytes()
-            entry["ratio_tokens_per_s"] = entry["hybrid"]["tokens_per_s"] / entry["twin"]["tokens_per_s"]
-            # each repeat times the two back to back: the median of those pairs' ratios resists load drift
-            entry["ratio_median_of_pairs"] = statistics.median(
-                t / h for h, t in zip(entry["hybrid"]["runs_s"], entry["twin"]["runs_s"]))
+                entry[kind]["cache_bytes"] = states[kind]["cache"].nbytes()
             results[name]["lengths"][str(length)] = entry
             h, t = entry["hybrid"], entry["twin"]
             print(f"{name} L={length}: hybrid {h['tokens_per_s']:.1f} tok/s "

@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
         loader = "AutoModelForCausalLM.from_pretrained(OUT_DIR" + (
             ", trust_remote_code=True)" if s["format"] == "braid" else ")")
         print(f"  load with: {loader}")
+        for note in s["notes"]:
+            print(f"  note: {note}")
         return 0
     s = from_hf(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     print(f"wrote {s['checkpoint']} ({s['parameters']:,} parameters, split for tp={s['tp']}, pp={s['pp']})")

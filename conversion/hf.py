@@ -1,13 +1,17 @@
 """Training checkpoints <-> Hugging Face folders.
 
     to_hf("runs/tiny", "runs/tiny/hf")              # config.json, safetensors, remote code, tokenizer, card
-    to_hf("runs/mamba", "out", fmt="mamba")          # native MambaForCausalLM layout, no remote code
+    to_hf("runs/tiny", "out", fmt="native")          # transformers' own class for the pattern (conversion/native.py)
     from_hf("runs/tiny/hf", "runs/continued", tp=2, pp=2)   # a run directory `braid train` starts from
 
 A `braid` folder ships the model's own source as remote code: the torch-only files of
 `model/` flattened to `braid_*.py` (transformers loads remote code from one folder, without
 subpackages) beside `configuration_braid.py` and `modeling_braid.py` (conversion/remote/). Its
 tensors keep HybridLM's names under `model.`; a tied head is stored once, as the embedding.
+
+`fmt="native"` (or a class's family name: mamba, mamba2, llama, mistral, qwen2, nemotron_h,
+granitemoehybrid) writes transformers' own architecture instead (conversion/native.py), which
+vLLM and llama.cpp serve.
 
 Every output is written to a temporary folder beside OUT_DIR and renamed into place at the end,
 so a failed conversion leaves nothing half-written. Inputs are read with safetensors or
@@ -27,7 +31,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from model import HybridLM, ModelConfig
+from conversion.native import BY_MODEL_TYPE, FAMILIES, Family, native_family, read_native, serving_notes
+from model import ConfigError, HybridLM, ModelConfig
 
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
 REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
@@ -35,8 +40,8 @@ REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
 REMOTE_SOURCES = ["config.py", "cache.py", "sequence.py", "kernels.py", "hybrid.py", "layers/__init__.py",
                   *(f"layers/{n}" for n in ("common.py", "attention.py", "gla.py", "mamba.py", "mamba2.py",
                                            "mlp.py", "rglru.py")),
-                  *(f"ops/{n}" for n in ("attention.py", "conv.py", "linear_attention.py", "scan.py",
-                                        "selective_scan.py"))]
+                  *(f"ops/{n}" for n in ("attention.py", "conv.py", "linear_attention.py", "precision.py",
+                                        "scan.py", "selective_scan.py"))]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -201,12 +206,27 @@ def _run_facts(tag: str, info: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], model_max_length: int) -> dict:
+def check_tokenizer_vocab(tokenizer_path: str, vocab_size: int, where: str) -> None:
+    """A tokenizer whose ids reach past the model's vocabulary belongs to other weights: one line."""
+    from tokenizers import Tokenizer
+    try:
+        size = Tokenizer.from_file(tokenizer_path).get_vocab_size(with_added_tokens=True)
+    except Exception as err:
+        raise ValueError(f"{tokenizer_path} cannot be read as a tokenizer ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if size > vocab_size:
+        raise ValueError(f"{where}: tokenizer {tokenizer_path} has {size} tokens, the weights' vocabulary "
+                         f"{vocab_size}: they do not belong together")
+
+
+def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], model_max_length: int,
+                     vocab_size: int) -> dict:
     """tokenizer.json plus the config files AutoTokenizer reads; returns the special token ids."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from data_pipeline.recipe import TokenizerSpec
+    check_tokenizer_vocab(tokenizer_path, vocab_size, "--tokenizer")
     tok = Tokenizer.from_file(tokenizer_path)
     # the run's data says which ids separate and pad documents; a tokenizer given by hand: the recipe defaults
     eos_id, pad_id = facts.get("eos_id"), facts.get("pad_id")
@@ -222,11 +242,19 @@ def _tokenizer_files(tokenizer_path: str, folder: str, facts: dict[str, Any], mo
                                    model_input_names=["input_ids", "attention_mask"],
                                    clean_up_tokenization_spaces=False, **specials)
     fast.save_pretrained(folder)
+    # transformers 5 names its fast tokenizer class TokenizersBackend, which 4.x cannot load; both load
+    # PreTrainedTokenizerFast (so do llama.cpp's converter, pinned to 4.57, and vLLM)
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    with open(config_path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(config_path, tokenizer_config)
     return {"eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id}
 
 
 def _model_card(cfg: ModelConfig, facts: dict[str, Any], n_params: int, n_embedding: int, fmt: str,
                 dtype: torch.dtype) -> str:
+    """README.md of the folder; `fmt`: braid, or the native class's name."""
     kinds = {kind: cfg.layer_types.count(kind) for kind in dict.fromkeys(cfg.layer_types)}
     lines = ["---", "library_name: transformers", "tags: [braid, hybrid, " + ", ".join(kinds) + "]", "---", "",
              f"# Braid hybrid language model ({fmt} format)", "",
@@ -259,77 +287,26 @@ def _model_card(cfg: ModelConfig, facts: dict[str, Any], n_params: int, n_embedd
     return "\n".join(lines)
 
 
-def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype, facts: dict[str, Any], token_ids: dict) -> dict:
-    """config.json: the whole Braid config under `braid`, plus the names Hugging Face tools read."""
-    common = {"torch_dtype": _dtype_name(dtype), "tie_word_embeddings": cfg.tie_embeddings,
-              "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "use_cache": True,
-              **{k: v for k, v in token_ids.items() if v is not None}}
+def hf_config(cfg: ModelConfig, family: Family | None, dtype: torch.dtype, facts: dict[str, Any],
+              token_ids: dict) -> dict:
+    """config.json: the names Hugging Face tools read (a native class's own fields for `family`), plus
+    the whole Braid config under `braid` and the checkpoint's step, tokens seen and length under `training`."""
     import transformers
-    common["transformers_version"] = transformers.__version__
-    if fmt == "mamba":
-        m = cfg.mamba
-        return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **common,
-                "state_size": m.d_state, "num_hidden_layers": cfg.n_sublayers, "layer_norm_epsilon": cfg.norm_eps,
-                "expand": m.expand, "conv_kernel": m.d_conv, "use_bias": False, "use_conv_bias": m.conv_bias,
-                "time_step_rank": cfg.dt_rank, "time_step_min": m.dt_min, "time_step_max": m.dt_max,
-                "time_step_floor": m.dt_init_floor, "residual_in_fp32": False, "hidden_act": "silu"}
+    common = {"dtype": _dtype_name(dtype), "torch_dtype": _dtype_name(dtype), "use_cache": True,
+              **{k: v for k, v in token_ids.items() if v is not None},
+              "transformers_version": transformers.__version__}
+    provenance = {"braid": cfg.replace(kernels="auto").to_dict(),
+                  "training": {k: facts.get(k) for k in ("step", "tokens_seen", "seq_len") if facts.get(k) is not None}}
+    if family is not None:
+        return {**family.config(cfg), **common, **provenance}
     return {"architectures": ["BraidForCausalLM"], "model_type": "braid",
             "auto_map": {"AutoConfig": "configuration_braid.BraidConfig",
                          "AutoModelForCausalLM": "modeling_braid.BraidForCausalLM"},
-            **common, "num_hidden_layers": cfg.n_sublayers, "layer_types": cfg.layer_types, "pattern": cfg.pattern,
-            "intermediate_size": cfg.mlp_hidden, "rms_norm_eps": cfg.norm_eps,
+            **common, "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_sublayers, "sublayer_kinds": cfg.layer_types,
+            "pattern": cfg.pattern, "intermediate_size": cfg.mlp_hidden, "rms_norm_eps": cfg.norm_eps,
             "num_attention_heads": cfg.attn.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "sliding_window": cfg.attn.window if "swa" in cfg.layer_types else None,
-            "braid": cfg.replace(kernels="auto").to_dict(),
-            "training": {k: facts.get(k) for k in ("step", "tokens_seen", "seq_len") if facts.get(k) is not None}}
-
-
-# ---- name maps ---------------------------------------------------------------------------------
-
-def check_mamba_format(cfg: ModelConfig) -> None:
-    if set(cfg.pattern) != {"M"} or cfg.mamba.version != 1:
-        raise ValueError(f"--format mamba needs a pattern of Mamba-1 mixers only ('M' with model.mamba.version=1); "
-                         f"this model has pattern {cfg.pattern!r} and mamba.version={cfg.mamba.version}")
-
-
-# HybridLM name <-> transformers' MambaForCausalLM name; the mixers already share theirs
-_MAMBA_NAMES = {"embed.weight": "backbone.embeddings.weight", "norm.weight": "backbone.norm_f.weight",
-                "layers.": "backbone.layers."}
-
-
-def _rename(state: dict[str, Tensor], names: dict[str, str]) -> dict[str, Tensor]:
-    """Each name's exact match in `names`, else its prefix ending in '.', replaced; other names kept."""
-    out = {}
-    for name, tensor in state.items():
-        if name in names:
-            name = names[name]
-        else:
-            prefix = next((p for p in names if p.endswith(".") and name.startswith(p)), None)
-            name = names[prefix] + name.removeprefix(prefix) if prefix else name
-        out[name] = tensor
-    return out
-
-
-def to_mamba_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return _rename(state, _MAMBA_NAMES)
-
-
-def from_mamba_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return _rename(state, {theirs: ours for ours, theirs in _MAMBA_NAMES.items()})
-
-
-def mamba_model_config(config: dict[str, Any], where: str) -> ModelConfig:
-    """A native MambaForCausalLM config.json as a Braid ModelConfig (pattern of M only)."""
-    try:
-        rank = config.get("time_step_rank", "auto")
-        return ModelConfig(
-            vocab_size=config["vocab_size"], d_model=config["hidden_size"], pattern="M" * config["num_hidden_layers"],
-            norm_eps=config.get("layer_norm_epsilon", 1e-5), tie_embeddings=config.get("tie_word_embeddings", True),
-            mamba={"version": 1, "d_state": config.get("state_size", 16), "d_conv": config.get("conv_kernel", 4),
-                   "expand": config.get("expand", 2), "conv_bias": config.get("use_conv_bias", True),
-                   "dt_rank": None if rank == "auto" else rank})
-    except KeyError as err:
-        raise ValueError(f"{where}: Mamba config has no {err.args[0]!r}") from None
+            "sliding_window": cfg.attn.window if "swa" in cfg.layer_types else None, **provenance}
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -341,47 +318,49 @@ def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto
     from transformers import GenerationConfig
 
     from conversion.checkpoint import load_training_checkpoint, resolve_tag
-    if fmt not in ("braid", "mamba"):
-        raise ValueError(f"--format={fmt!r}: expected braid or mamba")
+    if fmt not in ("braid", "native", *FAMILIES):
+        raise ValueError(f"--format={fmt!r}: expected braid, native or one of {', '.join(FAMILIES)}")
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"--dtype={dtype!r}: expected auto, bf16 or fp32")
     max_shard_bytes = parse_size(max_shard_size)
     check_output(out_dir, overwrite)
     tag = resolve_tag(source, step)
     state, cfg, info = load_training_checkpoint(tag, progress=progress)
-    if fmt == "mamba":
-        check_mamba_format(cfg)
+    family = None if fmt == "braid" else native_family(cfg, fmt)       # before any work: one line if none fits
     facts = _run_facts(tag, info)
     if tokenizer is not None:
         if not os.path.isfile(tokenizer):
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file")
         facts["tokenizer"] = tokenizer
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight")                     # the embedding, stored once
     target = DTYPES.get(dtype)
     state = {k: (v.to(target) if target is not None and v.is_floating_point() else v) for k, v in state.items()}
     out_dtype = target or next(v.dtype for v in state.values() if v.is_floating_point())
-    tensors = to_mamba_names(state) if fmt == "mamba" else {PREFIX + k: v for k, v in state.items()}
     n_embedding = state["embed.weight"].numel()
-    n_params = sum(v.numel() for v in state.values())
+    n_params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight" or not cfg.tie_embeddings)
+    if family is not None:
+        tensors = family.export(state, cfg)
+    else:                                               # a tied head is the embedding, stored once
+        tensors = {PREFIX + k: v for k, v in state.items() if k != "lm_head.weight" or not cfg.tie_embeddings}
+    name = family.architecture if family is not None else "braid"
 
     with staged_output(out_dir, overwrite) as staging:
         files, total = write_safetensors(tensors, staging, max_shard_bytes, progress)
         token_ids = {}
         if facts.get("tokenizer"):
             token_ids = _tokenizer_files(facts["tokenizer"], staging, facts,
-                                         facts.get("seq_len") or cfg.max_seq_len)
-        _write_json(os.path.join(staging, "config.json"), hf_config(cfg, fmt, out_dtype, facts, token_ids))
+                                         facts.get("seq_len") or cfg.max_seq_len, cfg.vocab_size)
+        _write_json(os.path.join(staging, "config.json"), hf_config(cfg, family, out_dtype, facts, token_ids))
         GenerationConfig(**{k: v for k, v in token_ids.items() if v is not None}).save_pretrained(staging)
-        if fmt == "braid":
-            for name, text in remote_code().items():
-                with open(os.path.join(staging, name), "w") as f:
+        if family is None:
+            for file_name, text in remote_code().items():
+                with open(os.path.join(staging, file_name), "w") as f:
                     f.write(text)
         with open(os.path.join(staging, "README.md"), "w") as f:
-            f.write(_model_card(cfg, facts, n_params, n_embedding, fmt, out_dtype))
+            f.write(_model_card(cfg, facts, n_params, n_embedding, name, out_dtype))
         written = sorted(os.listdir(staging))
-    return {"out_dir": os.path.abspath(out_dir), "checkpoint": os.path.abspath(tag), "step": info.get("step"),
-            "format": fmt, "dtype": _dtype_name(out_dtype), "tensors": len(tensors), "parameters": n_params,
+    notes = serving_notes(family, cfg) if family is not None else []
+    return {"out_dir": os.path.abspath(out_dir), "checkpoint": os.path.abspath(tag), "step": info.get("step"), "notes": notes,
+            "format": name, "dtype": _dtype_name(out_dtype), "tensors": len(tensors), "parameters": n_params,
             "bytes": total, "weight_files": files, "files": written,
             "tokenizer": facts.get("tokenizer")}
 
@@ -389,7 +368,9 @@ def to_hf(source: str, out_dir: str, step: int | None = None, dtype: str = "auto
 # ---- import ------------------------------------------------------------------------------------
 
 def read_hf_folder(path: str, progress: bool = False) -> tuple[dict[str, Tensor], ModelConfig, dict[str, Any]]:
-    """(state dict with HybridLM names, ModelConfig, config.json) of a Braid or native Mamba folder."""
+    """(state dict with HybridLM names, ModelConfig, config.json) of a Braid folder or of any native class
+    conversion/native.py writes; every other folder, and a tokenizer that does not fit the weights, is a
+    one-line ValueError."""
     from safetensors.torch import load_file
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -400,11 +381,14 @@ def read_hf_folder(path: str, progress: bool = False) -> tuple[dict[str, Tensor]
     if model_type == "braid":
         if not isinstance(config.get("braid"), dict):
             raise ValueError(f"{config_path}: no `braid` model config (not exported by Braid)")
-        cfg = ModelConfig.from_dict(config["braid"])
-    elif model_type == "mamba":
-        cfg = mamba_model_config(config, config_path)
-    else:
-        raise ValueError(f"{config_path}: model_type {model_type!r} is not braid or mamba")
+        try:
+            cfg = ModelConfig.from_dict(config["braid"])
+        except ConfigError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+    elif model_type not in BY_MODEL_TYPE:
+        architecture = (config.get("architectures") or ["?"])[0]
+        raise ValueError(f"{config_path}: model_type {model_type!r} ({architecture}) is not an architecture Braid "
+                         f"reads (braid, {', '.join(BY_MODEL_TYPE)})")
     index_path = os.path.join(path, SAFE_INDEX)
     if os.path.isfile(index_path):
         with open(index_path) as f:
@@ -422,14 +406,17 @@ def read_hf_folder(path: str, progress: bool = False) -> tuple[dict[str, Tensor]
             tensors.update(load_file(file_path))
         except Exception as err:
             raise ValueError(f"{file_path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    if model_type == "mamba":
-        state = from_mamba_names(tensors)
-    else:
+    if model_type == "braid":
         state = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
-    if cfg.tie_embeddings and "embed.weight" in state:
-        state["lm_head.weight"] = state["embed.weight"]
+        if cfg.tie_embeddings and "embed.weight" in state:
+            state["lm_head.weight"] = state["embed.weight"]
+    else:
+        cfg, state = read_native(config, tensors, config_path)
     from conversion.checkpoint import check_state_dict
     check_state_dict(state, cfg, path)
+    tokenizer = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tokenizer):
+        check_tokenizer_vocab(tokenizer, cfg.vocab_size, path)
     return state, cfg, config
 
 
@@ -448,7 +435,7 @@ def load_hf_folder(path: str) -> tuple[HybridLM, dict[str, Any]]:
 
 
 def from_hf(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, overwrite: bool = False) -> dict[str, Any]:
-    """A Braid (or native Mamba) folder -> a run directory whose step_00000000 holds the weights split
+    """A Braid (or native) folder -> a run directory whose step_00000000 holds the weights split
     for `tp` tensor-parallel ranks; `braid train` with run_dir=OUT_DIR and parallel.tp/pp continues from it."""
     from model.sharding import check_tensor_parallel, shard_state_dict
     from pretrain.checkpoint import save_weights_only

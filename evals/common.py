@@ -64,7 +64,9 @@ def load_eval_model(path: str, step: int | None = None, dtype: torch.dtype = tor
         state, cfg, info = load_training_checkpoint(tag)
         own_tokenizer, data = run_tokenizer(os.path.dirname(os.path.dirname(os.path.abspath(tag))))
         eos_id, train_length = data.get("eos_id"), data.get("seq_len")
-        model = HybridLM(cfg)
+        # evals generate through a cache, whose continuation steps no kernel takes (model.kernels=cuda
+        # would refuse them): kernels where they apply, the reference step elsewhere
+        model = HybridLM(cfg.replace(kernels="auto"))
         model.load_state_dict(state)
         provenance = {"model": os.path.abspath(path), "kind": "checkpoint", "checkpoint": os.path.abspath(tag),
                       "step": info.get("step")}

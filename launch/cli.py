@@ -6,7 +6,7 @@
     braid launch local CONFIG.yaml --nproc N [k=v ...]
     braid launch slurm CONFIG.yaml --nodes N --gpus-per-node G [--cpu] [--partition P] [--time T]
                        [--account A] [--dry-run] [k=v ...]
-    braid convert to-hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--step N] [--dtype auto|bf16|fp32] [--format braid|mamba]
+    braid convert to-hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--step N] [--dtype auto|bf16|fp32] [--format braid|native|FAMILY]
     braid convert from-hf HF_DIR OUT_DIR [--tp N] [--pp M]
     braid eval SUITE MODEL [options]      SUITE: passkey niah ruler phonebook ppl speed harness
     braid eval report RUN_DIR
@@ -86,12 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--step", type=int, help="the run's checkpoint of this step instead of the latest")
     to_hf.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                        help="weight dtype (auto: as saved)")
-    to_hf.add_argument("--format", dest="fmt", default="braid", choices=["braid", "mamba"],
-                       help="braid: remote code for any pattern; mamba: transformers' MambaForCausalLM (M only)")
+    to_hf.add_argument("--format", dest="fmt", default="braid",
+                       choices=["braid", "native", "mamba", "mamba2", "llama", "mistral", "qwen2", "nemotron_h",
+                                "granitemoehybrid"],
+                       help="braid: remote code, any pattern; native: transformers' own class that represents the "
+                            "pattern exactly (served by vLLM and llama.cpp); or that class by name")
     to_hf.add_argument("--tokenizer", help="tokenizer.json to ship (default: the one the run's data was made with)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    from_hf = directions.add_parser("from-hf", help="a Braid or Mamba Hugging Face folder -> a run directory to "
+    from_hf = directions.add_parser("from-hf", help="a Braid or native Hugging Face folder -> a run directory to "
                                                     "continue training from, split for --tp/--pp")
     from_hf.add_argument("hf_dir", help="folder written by `braid convert to-hf` (or a native Mamba folder)")
     from_hf.add_argument("out_dir", help="run directory to create; train with run_dir=OUT_DIR")

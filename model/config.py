@@ -24,6 +24,7 @@ SUBLAYERS = {
 STAGE_BOUNDARY = "|"
 KERNEL_MODES = ("auto", "reference", "cuda")
 INIT_SCHEMES = ("normal", "samba")
+MLP_ACTIVATIONS = ("swiglu", "relu2")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,11 @@ class MambaConfig:
     head_dim: int = 64          # Mamba-2 only
     n_groups: int = 1           # Mamba-2 only: B and C shared by n_heads / n_groups heads
     chunk_size: int = 64        # Mamba-2's SSD chunk (Mamba-1's fused scan sizes its chunks to the cache)
+    # Mamba-1 on packed training rows (no cache): `exact` restarts conv and state at every document
+    # (Braid's Triton selective scan on GPU); `flow` lets them run on across the documents of a row, as
+    # Samba trains, so mamba-ssm's CUDA selective_scan_fn (which has no reset input) runs. Generation
+    # (a cache) always restarts at document starts, so left padding never leaks into a prompt.
+    packed_resets: str = "exact"
 
 
 @dataclass
@@ -85,6 +91,7 @@ class AttentionConfig:
     n_kv_heads: int | None = None   # None -> n_heads (MHA); fewer -> grouped-query attention
     head_dim: int | None = None     # None -> d_model // n_heads
     window: int = 2048              # sliding window of `S`, in tokens, the query included
+    rope: bool = True               # rotary positions on q and k; false: none at all (Nemotron-H's attention)
     rope_base: float = 10000.0
 
 
@@ -112,6 +119,7 @@ class ModelConfig:
     d_model: int = 1536
     pattern: str = "M-S-" * 6
     mlp_hidden: int = 4096
+    mlp_activation: str = "swiglu"    # `-`: swiglu (gated SiLU) | relu2 (non-gated squared ReLU, Nemotron-H's)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -173,13 +181,16 @@ class ModelConfig:
         _require(self.init_std > 0, f"model.init_std={self.init_std}: must be > 0")
         _require(self.init in INIT_SCHEMES, f"model.init={self.init!r}: must be one of {', '.join(INIT_SCHEMES)}")
         _require(self.kernels in KERNEL_MODES, f"model.kernels={self.kernels!r}: must be one of {', '.join(KERNEL_MODES)}")
+        _require(self.mlp_activation in MLP_ACTIVATIONS,
+                 f"model.mlp_activation={self.mlp_activation!r}: must be one of {', '.join(MLP_ACTIVATIONS)}")
         if kinds & {"swa", "attention"}:
             a = self.attn
             _require(a.n_heads > 0, f"model.attn.n_heads={a.n_heads}: must be > 0")
             _require(a.head_dim is not None or self.d_model % a.n_heads == 0,
                      f"model.attn.n_heads={a.n_heads} does not divide model.d_model={self.d_model} "
                      "(set model.attn.head_dim to decouple them)")
-            _require(self.head_dim % 2 == 0, f"model.attn.head_dim={self.head_dim}: must be even for RoPE")
+            _require(not a.rope or self.head_dim % 2 == 0,
+                     f"model.attn.head_dim={self.head_dim}: must be even for RoPE (or model.attn.rope=false)")
             _require(self.n_kv_heads > 0 and a.n_heads % self.n_kv_heads == 0,
                      f"model.attn.n_kv_heads={self.n_kv_heads} must divide model.attn.n_heads={a.n_heads}")
             _require(a.rope_base > 0, f"model.attn.rope_base={a.rope_base}: must be > 0")
@@ -192,6 +203,8 @@ class ModelConfig:
             for name in ("d_state", "d_conv", "expand", "chunk_size"):
                 _require(getattr(m, name) > 0, f"model.mamba.{name}={getattr(m, name)}: must be > 0")
             _require(0 < m.dt_min <= m.dt_max, f"model.mamba.dt_min={m.dt_min}, dt_max={m.dt_max}: need 0 < dt_min <= dt_max")
+            _require(m.packed_resets in ("exact", "flow"),
+                     f"model.mamba.packed_resets={m.packed_resets!r}: must be exact or flow")
             if m.version == 2:
                 _require(self.d_inner % m.head_dim == 0,
                          f"model.mamba.head_dim={m.head_dim} does not divide d_inner={self.d_inner} (expand * d_model)")
@@ -250,9 +263,12 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 def _samba(n_pairs: int, d_model: int, n_heads: int, mlp_hidden: int) -> ModelConfig:
     # microsoft/Samba: Mamba-1 (d_state 16, expand 2), SWA 2048 with 128-dim heads, SwiGLU, tied,
     # initialised as Samba trains (its `mamba_init`).
+    # packed_resets=flow: Samba trains on packed rows with mamba_simple's causal_conv1d_fn and
+    # selective_scan_fn, whose state runs on across documents (SWA is still masked per document);
+    # so its recipe is reproduced and mamba-ssm's CUDA scan runs. `exact` is one override away.
     return ModelConfig(
         vocab_size=32000, d_model=d_model, pattern="M-S-" * n_pairs, mlp_hidden=mlp_hidden, init="samba",
-        max_seq_len=4096, mamba=MambaConfig(version=1, d_state=16, d_conv=4, expand=2),
+        max_seq_len=4096, mamba=MambaConfig(version=1, d_state=16, d_conv=4, expand=2, packed_resets="flow"),
         attn=AttentionConfig(n_heads=n_heads, window=2048),
     )
 
@@ -279,6 +295,15 @@ PRESETS: dict[str, Any] = {
         vocab_size=32000, d_model=1024, pattern="MMMMM*-" * 4, mlp_hidden=4096, max_seq_len=4096,
         mamba=MambaConfig(version=2, d_state=128, d_conv=4, expand=2, head_dim=64, n_groups=8),
         attn=AttentionConfig(n_heads=16, n_kv_heads=8),
+    ),
+    # Nemotron-H's block choices (NVIDIA Nemotron-H 8B, scaled down): one mixer per residual block,
+    # Mamba-2, attention without RoPE, a non-gated squared-ReLU MLP, an untied head. Exports as
+    # transformers' NemotronHForCausalLM (`braid convert to-hf --format native`).
+    "nemotron-h": lambda: ModelConfig(
+        vocab_size=32000, d_model=1024, pattern="M-M-M*-" * 4, mlp_hidden=4096, mlp_activation="relu2",
+        tie_embeddings=False, max_seq_len=4096,
+        mamba=MambaConfig(version=2, d_state=128, d_conv=4, expand=2, head_dim=64, n_groups=8),
+        attn=AttentionConfig(n_heads=16, n_kv_heads=8, rope=False),
     ),
 }
 

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridCache
 from .config import ModelConfig
+from .kernels import dispatch_record
 from .layers import LinearSpec, RMSNorm, build_mixer
 from .sequence import sequence_info
 
@@ -42,6 +43,8 @@ class HybridLM(nn.Module):
         spec = spec or LinearSpec()
         self.embed = spec.embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Sublayer(kind, cfg, spec) for kind in cfg.layer_types)
+        for i, layer in enumerate(self.layers):
+            layer.mixer.block_name = f"layers.{i} ({layer.kind})"     # what dispatch records and errors name
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = spec.lm_head(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
@@ -117,6 +120,10 @@ class HybridLM(nn.Module):
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x)).float()
+
+    def dispatch_record(self) -> dict[str, dict[str, str]]:
+        """{block: {op: kernel or "reference"}}: the path each sublayer's ops took in the last forward."""
+        return dispatch_record(self)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -4,7 +4,7 @@ Pure torch, no process group: conversion and checkpoint tools use it as well as 
 training ranks. A tensor-parallel rank holds, for each parameter of the unsharded model,
 the piece given by its rule; merging concatenates the pieces in rank order:
 
-- column, `Split(0)`: q/k/v/g_proj, gate/up_proj, linear_x/y (+bias), GLA gk_up (+bias),
+- column, `Split(0)`: q/k/v/g_proj, gate/up_proj (relu2 MLPs have up_proj only), linear_x/y (+bias), GLA gk_up (+bias),
   embed / lm_head (vocabulary rows). Rank r holds rows r*n/tp .. (r+1)*n/tp.
 - row, `Split(1)`: o_proj, down_proj, out_proj, linear_out.weight, Mamba-1 x_proj. Columns.
 - fused column, `Split(0, parts)`: Mamba-1 in_proj [x; z], Mamba-2 in_proj [z; x; B; C; dt]

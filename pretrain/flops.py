@@ -21,7 +21,7 @@ Per-token forward FLOPs, per sublayer (d = d_model, T = seq_len)
 ===========  ===============================================  ==========================================
 kind         matmul                                            mixer
 ===========  ===============================================  ==========================================
-mlp  `-`     2 * 3 * d * mlp_hidden                            0
+mlp  `-`     2 * 3 * d * mlp_hidden (relu2, ungated: 2 * 2 *)   0
 attention    2 * d * hd * (2 * n_heads + 2 * n_kv_heads)       4 * n_heads * hd * keys(T)
   `*`        (q, k, v, o)                                      keys = (T + 1) / 2  (causal, diagonal incl.)
 swa `S`      same as attention                                 4 * n_heads * hd * keys, keys = mean over
@@ -158,7 +158,8 @@ def sublayer_flops(cfg: ModelConfig, kind: str, seq_len: int) -> dict[str, float
     """Forward FLOPs per token of one sublayer of `kind`, as {"matmul": ..., "mixer": ...}."""
     d = cfg.d_model
     if kind == "mlp":
-        return {"matmul": 3 * _linear(d, cfg.mlp_hidden), "mixer": 0.0}
+        projections = 3 if cfg.mlp_activation == "swiglu" else 2       # relu2 has no gate_proj
+        return {"matmul": projections * _linear(d, cfg.mlp_hidden), "mixer": 0.0}
     if kind in ("attention", "swa"):
         hd, nh, nkv = cfg.head_dim, cfg.attn.n_heads, cfg.n_kv_heads
         matmul = _linear(d, nh * hd) + 2 * _linear(d, nkv * hd) + _linear(nh * hd, d)

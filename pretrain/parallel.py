@@ -134,7 +134,7 @@ class ParallelEngine:
             return self.ds.train_batch(iter([_pipe_inputs(b) for b in micro])).detach().double()
         step_loss = torch.zeros((), dtype=torch.float64)
         for _ in range(accum):
-            batch = next(batches)
+            batch = self.on_device(next(batches))
             loss = self.loss(self.ds(batch["input_ids"], doc_ids=batch["doc_ids"]), batch["labels"])
             self.ds.backward(loss)
             self.ds.step()
@@ -163,12 +163,16 @@ class ParallelEngine:
                 totals[1] = sum((b["labels"] != -100).sum().item() for b in batches)
             return totals
         self.module.eval()
-        for batch in batches:
+        for batch in map(self.on_device, batches):
             logits = self.module(batch["input_ids"], doc_ids=batch["doc_ids"])
             totals[0] += self.loss(logits, batch["labels"], reduction="sum").double().cpu()
-            totals[1] += (batch["labels"] != -100).sum()
+            totals[1] += (batch["labels"] != -100).sum().item()
         self.module.train()
         return totals
+
+    def on_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The loader's host tensors on the engine's device (the pipeline engine moves its own)."""
+        return {k: v.to(self.ds.device, non_blocking=True) for k, v in batch.items()}
 
     def step_applied(self) -> bool:
         return self.ds.was_step_applied()

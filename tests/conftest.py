@@ -2,6 +2,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -10,6 +11,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# remote code that transformers imports goes to a cache of this process's own, not the shared
+# ~/.cache/huggingface/modules, where a folder named like another one (`hf`) would share its modules
+if not os.environ.get("HF_MODULES_CACHE"):
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="braid-hf-modules-")
 torch.set_num_threads(1)   # pytest-xdist runs one worker per core
 
 from model import ModelConfig, get_preset  # noqa: E402
@@ -23,6 +28,8 @@ SMALL_PRESETS = {
     "griffin": dict(d_model=64, mlp_hidden=96, attn=dict(n_heads=4, window=8), rglru=dict(n_heads=4)),
     "mamba2-hybrid": dict(d_model=64, mlp_hidden=96, attn=dict(n_heads=4, n_kv_heads=2),
                           mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=8)),
+    "nemotron-h": dict(d_model=64, mlp_hidden=96, attn=dict(n_heads=4, n_kv_heads=2),
+                       mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=8)),
 }
 
 
@@ -85,13 +92,24 @@ def launch_ranks(script: str, world: int, argument: str,
 
 
 def wait_ranks(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
-    """Each rank's output once all exited 0; a failed rank's output is the assertion message."""
+    """Each rank's output once all exited 0. Every rank's pipe is drained at once (a rank blocked on a
+    full pipe cannot stall the others), and a failure reports every rank's exit code and output tail:
+    the rank that crashed first is often not rank 0, whose own error is then a closed connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def collect(proc: subprocess.Popen) -> str:
+        try:
+            return proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.communicate()[0] + f"\n[killed after {timeout} s]"
+
     try:
-        outputs = []
-        for proc in procs:
-            output, _ = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, output
-            outputs.append(output)
+        with ThreadPoolExecutor(len(procs)) as pool:
+            outputs = list(pool.map(collect, procs))
+        failed = [r for r, proc in enumerate(procs) if proc.returncode != 0]
+        assert not failed, "\n".join(f"--- rank {r} exited {procs[r].returncode}:\n{outputs[r][-3000:]}"
+                                      for r in range(len(procs)))
         return outputs
     finally:
         for proc in procs:          # the other ranks of a failed job would wait for it

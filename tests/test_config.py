@@ -29,12 +29,19 @@ def test_pattern_parsing_and_stages():
     (dict(pattern="R-", rglru=dict(n_heads=5)), "model.rglru.n_heads"),
     (dict(d_model=0), "model.d_model"),
     (dict(kernels="fast"), "model.kernels"),
+    (dict(mlp_activation="gelu"), "model.mlp_activation"),
+    (dict(pattern="*-", attn=dict(head_dim=15)), "model.attn.head_dim"),
 ])
 def test_bad_configs_name_the_field(changes, field):
     with pytest.raises(ConfigError) as err:
         get_preset("tiny").replace(**changes)
     message = str(err.value)
     assert field in message and "\n" not in message
+
+
+def test_attention_without_rope_takes_odd_head_dims():
+    cfg = get_preset("tiny").replace(pattern="*-", attn=dict(head_dim=15, rope=False))
+    assert cfg.head_dim == 15 and not cfg.attn.rope
 
 
 def test_unknown_keys_and_presets():
@@ -67,8 +74,11 @@ def test_samba_presets_have_the_published_size(name, expected):
 
 
 def test_presets_build():
-    assert set(PRESETS) == {"tiny", "samba-421m", "samba-1.3b", "griffin", "mamba2-hybrid"}
+    assert set(PRESETS) == {"tiny", "samba-421m", "samba-1.3b", "griffin", "mamba2-hybrid", "nemotron-h"}
     griffin = get_preset("griffin")
     assert griffin.pattern.startswith("R-R-S-") and griffin.n_kv_heads == 1
     hybrid = get_preset("mamba2-hybrid")
     assert hybrid.mamba.version == 2 and hybrid.pattern.count("M") > 3 * hybrid.pattern.count("*")
+    nemotron = get_preset("nemotron-h")
+    assert nemotron.mamba.version == 2 and not nemotron.attn.rope and nemotron.mlp_activation == "relu2"
+    assert not nemotron.tie_embeddings

@@ -14,98 +14,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SMALL_PRESETS, small_preset
+from conftest import small_preset
 from conversion.checkpoint import load_training_checkpoint
-from conversion.hf import from_hf, load_hf_folder, read_hf_folder, remote_code, to_hf
+from conversion.hf import from_hf, read_hf_folder, to_hf
 from model import HybridLM, ModelConfig
 from model.generation import generate
-from pretrain.checkpoint import save_weights_only
+from test_hf_remote import hf_model, weights_checkpoint
 from test_train import ROOT, braid_train, losses, torchrun, write_config
-
-
-def weights_checkpoint(run_dir, cfg: ModelConfig, seed=0) -> dict:
-    """A run directory whose latest checkpoint holds a random HybridLM(cfg); returns its state dict."""
-    torch.manual_seed(seed)
-    model = HybridLM(cfg)
-    with torch.no_grad():                       # away from the init, so a dropped tensor would show
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    state = model.state_dict()
-    save_weights_only(str(run_dir), [state], cfg.to_dict(), {"tp": 1, "pp": 1}, source="test")
-    return state
-
-
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
 
 
 def assert_bitwise(a: dict, b: dict):
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-
-
-# ---- remote code, logits and generation, every preset --------------------------------------
-
-def test_remote_code_imports_only_torch_and_its_own_files():
-    files = remote_code()
-    assert {"configuration_braid.py", "modeling_braid.py", "braid_hybrid.py", "braid_cache.py"} <= set(files)
-    from transformers.dynamic_module_utils import get_imports, get_relative_imports
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                f.write(text)
-        for name in files:
-            path = os.path.join(tmp, name)
-            assert set(get_imports(path)) <= {"torch", "transformers", "math", "dataclasses", "functools",
-                                              "importlib", "warnings", "typing", "collections", "__future__",
-                                              "re", "contextlib"}, name
-            for module in get_relative_imports(path):
-                assert module + ".py" in files, (name, module)
-        # the model file names every module, so transformers copies them all into its cache
-        assert set(get_relative_imports(os.path.join(tmp, "modeling_braid.py"))) >= {
-            n.removesuffix(".py") for n in files if n.startswith("braid_")}
-
-
-@pytest.mark.parametrize("preset", sorted(SMALL_PRESETS))
-def test_hf_logits_and_greedy_generation_equal_braid(tmp_path, preset):
-    cfg = small_preset(preset, vocab_size=64)
-    weights_checkpoint(tmp_path / "run", cfg)
-    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
-    model = hf_model(tmp_path / "hf")
-    native, _ = load_hf_folder(str(tmp_path / "hf"))
-    native.eval()
-    assert type(model).__name__ == "BraidForCausalLM" and model.dtype == torch.float32
-
-    tokens = torch.randint(0, 64, (2, 40))
-    with torch.no_grad():
-        theirs, ours = model(tokens).logits, native(tokens)
-    assert (theirs - ours).abs().max().item() < 1e-5
-
-    # greedy, 64 new tokens, prompts of two lengths (left padding): far past the window of 8
-    prompts = [torch.randint(2, 64, (12,)).tolist(), torch.randint(2, 64, (5,)).tolist()]
-    ids = torch.tensor([prompts[0], [1] * 7 + prompts[1]])
-    mask = torch.tensor([[1] * 12, [0] * 7 + [1] * 5])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
-                         pad_token_id=1, eos_token_id=None)
-    expected = generate(native, prompts, 64)
-    assert out[:, 12:].tolist() == expected
-
-
-def test_generation_cache_is_constant_without_full_attention(tmp_path):
-    cfg = small_preset("samba-421m", vocab_size=64)                # M-S- only: no growing layer
-    weights_checkpoint(tmp_path / "run", cfg)
-    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
-    model = hf_model(tmp_path / "hf")
-    sizes = []
-    for new in (16, 96):
-        out = model.generate(input_ids=torch.randint(0, 64, (1, 20)), max_new_tokens=new, do_sample=False,
-                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=1)
-        assert type(out.past_key_values).__name__ == "HybridCache"
-        sizes.append(out.past_key_values.nbytes())
-    assert sizes[0] == sizes[1] > 0
 
 
 # ---- round trips ----------------------------------------------------------------------------
@@ -195,8 +116,9 @@ def test_folder_contents_tokenizer_and_model_card(tmp_path, trained, eval_tokeni
     config = json.loads((hf / "config.json").read_text())
     assert config["model_type"] == "braid" and config["auto_map"]["AutoModelForCausalLM"] == \
         "modeling_braid.BraidForCausalLM"
-    assert config["layer_types"] == ModelConfig.from_dict(config["braid"]).layer_types
-    assert config["torch_dtype"] == "bfloat16" and config["training"]["step"] == 3
+    assert config["sublayer_kinds"] == ModelConfig.from_dict(config["braid"]).layer_types
+    assert "layer_types" not in config          # transformers 5 checks that name against its own layer kinds
+    assert config["dtype"] == "bfloat16" and config["training"]["step"] == 3
     index = json.loads((hf / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and all((hf / f).is_file() for f in files)
@@ -209,35 +131,181 @@ def test_folder_contents_tokenizer_and_model_card(tmp_path, trained, eval_tokeni
     text = "the quick brown fox 123"
     assert tok(text)["input_ids"] == __import__("tokenizers").Tokenizer.from_file(eval_tokenizer_path).encode(
         text).ids
-    model = hf_model(hf)
-    assert model.dtype == torch.float32        # transformers' default; torch_dtype="auto" gives bf16
+    model = hf_model(hf, dtype=torch.float32)  # the default dtype is each version's (test_hf_remote.py)
     state, _, _ = load_training_checkpoint(trained)
     assert torch.equal(model.model.embed.weight, state["embed.weight"].bfloat16().float())
 
 
-# ---- native Mamba ----------------------------------------------------------------------------
+# ---- native transformers classes ---------------------------------------------------------------
 
-def test_mamba_format_loads_in_transformers_mamba_and_comes_back(tmp_path):
-    from transformers import MambaForCausalLM
-    cfg = small_preset("tiny", vocab_size=64, pattern="MMM", d_model=32)
+# pattern and options -> the class `--format native` must pick; each represents its pattern exactly
+NATIVE_CASES = {
+    "mamba": (dict(preset="tiny", pattern="MMM", d_model=32), "MambaForCausalLM"),
+    "mamba2": (dict(preset="mamba2-hybrid", pattern="MMM"), "Mamba2ForCausalLM"),
+    "llama": (dict(preset="tiny", pattern="*-*-"), "LlamaForCausalLM"),
+    "llama-fillers": (dict(preset="tiny", pattern="**--*", tie_embeddings=False), "LlamaForCausalLM"),
+    "mistral": (dict(preset="tiny", pattern="S-S-"), "MistralForCausalLM"),
+    "qwen2": (dict(preset="tiny", pattern="S-*-", attn=dict(n_kv_heads=4)), "Qwen2ForCausalLM"),
+    "nemotron-h": (dict(preset="nemotron-h"), "NemotronHForCausalLM"),
+    "nemotron-h-tied": (dict(preset="nemotron-h", pattern="M-*|-M", tie_embeddings=True), "NemotronHForCausalLM"),
+    "granite": (dict(preset="mamba2-hybrid"), "GraniteMoeHybridForCausalLM"),
+    "granite-no-rope-fillers": (dict(preset="mamba2-hybrid", pattern="MM*--M*", attn=dict(rope=False)),
+                                "GraniteMoeHybridForCausalLM"),
+}
+
+
+def native_case(name: str) -> ModelConfig:
+    changes = dict(NATIVE_CASES[name][0])
+    return small_preset(changes.pop("preset"), vocab_size=64, **changes)
+
+
+@pytest.mark.parametrize("case", sorted(NATIVE_CASES))
+def test_native_format_equals_braid_and_comes_back(tmp_path, case):
+    """--format native: transformers' own class, no remote code; logits within 1e-5 of Braid's in fp32,
+    greedy tokens equal (prompts of two lengths, left-padded), and from-hf gives back the same
+    weights and config (stage marks and initialisation settings included)."""
+    from transformers import AutoModelForCausalLM
+    cfg = native_case(case)
     original = weights_checkpoint(tmp_path / "run", cfg)
-    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), fmt="mamba", progress=False)
+    summary = to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), fmt="native", progress=False)
+    assert summary["format"] == NATIVE_CASES[case][1]
     assert not any(name.endswith(".py") for name in os.listdir(tmp_path / "hf"))
-    theirs = MambaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    native = HybridLM(cfg).eval()
-    native.load_state_dict(original)
-    tokens = torch.randint(0, 64, (2, 24))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [NATIVE_CASES[case][1]] and "auto_map" not in config
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(theirs).__name__ == NATIVE_CASES[case][1] and theirs.dtype == torch.float32
+    ours = HybridLM(cfg).eval()
+    ours.load_state_dict(original)
+    tokens = torch.randint(0, 64, (2, 40))
     with torch.no_grad():
-        assert (theirs(tokens).logits - native(tokens)).abs().max().item() < 1e-5
+        assert (theirs(tokens).logits - ours(tokens)).abs().max().item() < 1e-5
+
+    prompts = [torch.randint(2, 64, (12,)).tolist(), torch.randint(2, 64, (5,)).tolist()]
+    ids = torch.tensor([prompts[0], [1] * 7 + prompts[1]])
+    mask = torch.tensor([[1] * 12, [0] * 7 + [1] * 5])
+    out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=1,
+                          eos_token_id=None)
+    expected = generate(ours, prompts, 24)
+    assert out[:, 12:].tolist() == expected
+
     from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
     state, back_cfg, _ = load_training_checkpoint(str(tmp_path / "back"))
-    assert back_cfg.pattern == "MMM"
+    assert back_cfg == cfg.replace(kernels="auto")
     assert_bitwise(state, original)
 
-    with pytest.raises(ValueError, match=r"--format mamba needs a pattern of Mamba-1 mixers only .* pattern 'M-S-'"):
-        weights_checkpoint(tmp_path / "hybrid", small_preset("tiny", vocab_size=64, pattern="M-S-"))
-        to_hf(str(tmp_path / "hybrid"), str(tmp_path / "nope"), fmt="mamba", progress=False)
-    assert not (tmp_path / "nope").exists()
+
+def test_format_by_class_name_and_cli(tmp_path):
+    """--format NAME asks for one class (mamba keeps its meaning); the CLI says what it wrote and what a
+    server does differently."""
+    cfg = small_preset("tiny", vocab_size=64, pattern="S-*-", attn=dict(n_kv_heads=4))
+    original = weights_checkpoint(tmp_path / "run", cfg)
+    to_hf(str(tmp_path / "run"), str(tmp_path / "qwen2"), fmt="qwen2", progress=False)
+    state, back, _ = read_hf_folder(str(tmp_path / "qwen2"))
+    assert back == cfg.replace(kernels="auto") and torch.equal(state["layers.2.mixer.q_proj.weight"],
+                                                               original["layers.2.mixer.q_proj.weight"])
+    weights_checkpoint(tmp_path / "mamba", small_preset("tiny", vocab_size=64, pattern="MM", d_model=32))
+    assert to_hf(str(tmp_path / "mamba"), str(tmp_path / "m"), fmt="mamba", progress=False)["format"] == \
+        "MambaForCausalLM"
+
+    cli = [sys.executable, "-m", "launch.cli", "convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "cli"),
+           "--format", "native"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Qwen2ForCausalLM" in out.stdout and "AutoModelForCausalLM.from_pretrained(OUT_DIR)" in out.stdout
+    assert "note: llama.cpp: Qwen2ForCausalLM runs without the sliding window there" in out.stdout
+    weights_checkpoint(tmp_path / "gla", small_preset("tiny", vocab_size=64, pattern="G-"))
+    cli[5:7] = [str(tmp_path / "gla"), str(tmp_path / "gla-hf")]
+    out = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and not (tmp_path / "gla-hf").exists()
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("braid: error: --format native: ") and "'G' (gated linear attention)" in last \
+        and "--format braid" in last
+
+
+def test_native_folder_saved_again_by_transformers_reads_back(tmp_path):
+    """A native folder re-saved by transformers (its own names for layer kinds, no `braid` section to
+    trust) reads back from the class's fields alone: the same weights and the same function."""
+    from transformers import AutoModelForCausalLM
+    cfg = native_case("granite-no-rope-fillers")
+    original = weights_checkpoint(tmp_path / "run", cfg)
+    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), fmt="native", progress=False)
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).save_pretrained(str(tmp_path / "saved"))
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    config.pop("braid", None)
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
+    state, back_cfg, _ = read_hf_folder(str(tmp_path / "saved"))
+    assert back_cfg.pattern == cfg.pattern and not back_cfg.attn.rope
+    ours, back = HybridLM(cfg).eval(), HybridLM(back_cfg).eval()
+    ours.load_state_dict(original)
+    back.load_state_dict(state)
+    tokens = torch.randint(0, 64, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), back(tokens))
+
+
+@pytest.mark.parametrize("changes, fmt, message", [
+    (dict(pattern="M-G-"), "native", r"sublayer 'G' \(gated linear attention\) has no native transformers class"),
+    (dict(pattern="R-S-"), "native", r"sublayer 'R' \(RG-LRU recurrent block\)"),
+    (dict(pattern="M-S-"), "native", r"Mamba-1 \('M' with model\.mamba\.version=1\) is native only alone"),
+    (dict(pattern="M-S-", mamba=dict(version=2, head_dim=16)), "native", r"sliding-window attention 'S' beside Mamba-2"),
+    (dict(pattern="*-", mlp_activation="relu2"), "native", r"model\.attn\.rope=true: NemotronH's attention has no RoPE"),
+    (dict(pattern="S-", mlp_activation="relu2"), "native", r"model\.mlp_activation=relu2: qwen2's MLP is SwiGLU"),
+    (dict(pattern="M-M-", mamba=dict(version=2, head_dim=16)), "native",
+     r"a Mamba-2 stack with MLPs and no attention: GraniteMoeHybrid needs an attention layer"),
+    (dict(pattern="M*-", mamba=dict(version=2, head_dim=16), mlp_activation="relu2"), "native",
+     r"model\.attn\.rope=true: NemotronH's attention has no RoPE"),
+    (dict(pattern="M-S-"), "mamba", r"--format mamba: MambaForCausalLM holds Mamba-1 mixers only .* 'M-S-'"),
+    (dict(pattern="*-*-"), "mistral", r"--format mistral: sublayer '\*' \(full attention\) is not in mistral's layers"),
+])
+def test_no_native_class_is_one_line_naming_what_is_in_the_way(tmp_path, changes, fmt, message):
+    weights_checkpoint(tmp_path / "run", small_preset("tiny", vocab_size=64, **changes))
+    with pytest.raises(ValueError, match=message) as err:
+        to_hf(str(tmp_path / "run"), str(tmp_path / "out"), fmt=fmt, progress=False)
+    assert "\n" not in str(err.value) and "--format" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_folders_and_tokenizers_are_one_line(tmp_path, eval_tokenizer_path):
+    cfg = native_case("nemotron-h")
+    weights_checkpoint(tmp_path / "run", cfg)
+    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), fmt="native", progress=False)
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+
+    def read_with(**changes):
+        config_path.write_text(json.dumps({**config, **changes}))
+        with pytest.raises(ValueError) as err:
+            read_hf_folder(str(tmp_path / "hf"))
+        assert "\n" not in str(err.value) and str(config_path) in str(err.value)
+        return str(err.value)
+
+    assert "model_type 'gpt2' (GPT2LMHeadModel) is not an architecture Braid reads" in read_with(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    kinds = config["layers_block_type"][:2] + ["moe"] + config["layers_block_type"][3:]
+    assert "layers_block_type[2]='moe' is not a layer kind Braid has" in read_with(layers_block_type=kinds)
+    assert "mlp_hidden_act='silu'" in read_with(mlp_hidden_act="silu")
+    assert "time_step_min=0.001" in read_with(time_step_min=0.001)
+    config_path.write_text(json.dumps(config))
+
+    # a Braid folder whose config names a sublayer Braid does not have
+    to_hf(str(tmp_path / "run"), str(tmp_path / "braid"), progress=False)
+    braid_config = json.loads((tmp_path / "braid" / "config.json").read_text())
+    braid_config["braid"]["pattern"] = "M-X-"
+    (tmp_path / "braid" / "config.json").write_text(json.dumps(braid_config))
+    with pytest.raises(ValueError, match=r"config\.json: model\.pattern='M-X-': unknown symbol 'X'"):
+        read_hf_folder(str(tmp_path / "braid"))
+
+    # a tokenizer of 512 tokens beside weights of 64: at export, and in a folder
+    with pytest.raises(ValueError, match=r"--tokenizer: tokenizer .* has 512 tokens, the weights' vocabulary 64"):
+        to_hf(str(tmp_path / "run"), str(tmp_path / "tok"), fmt="native", tokenizer=eval_tokenizer_path,
+              progress=False)
+    assert not (tmp_path / "tok").exists()
+    import shutil
+    shutil.copy(eval_tokenizer_path, tmp_path / "hf" / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"has 512 tokens, the weights' vocabulary 64: they do not belong together"):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert not (tmp_path / "back").exists()
 
 
 # ---- safety ----------------------------------------------------------------------------------
@@ -286,21 +354,3 @@ def test_cli_errors_are_one_line(tmp_path):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("braid: error: ") and "neither a checkpoint" in out.stderr
-
-
-def test_transformers_version_is_the_pinned_one():
-    import transformers
-    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
-    assert f'"transformers=={transformers.__version__}"' in pyproject
-
-
-def test_beam_search_reorders_the_hybrid_cache(tmp_path):
-    cfg = small_preset("tiny", vocab_size=64)
-    weights_checkpoint(tmp_path / "run", cfg)
-    to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
-    model = hf_model(tmp_path / "hf")
-    ids = torch.randint(2, 64, (2, 10))
-    kwargs = dict(input_ids=ids, num_beams=3, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=1)
-    with_cache = model.generate(**kwargs)
-    recomputed = model.generate(**kwargs, use_cache=False)            # every step from scratch: no cache to reorder
-    assert with_cache.tolist() == recomputed.tolist()

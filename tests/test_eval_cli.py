@@ -48,7 +48,9 @@ def test_eval_on_a_converted_folder_then_report(converted):
 
 def test_eval_errors_are_one_line(converted, tmp_path):
     out = braid("eval", "ppl", str(tmp_path / "nothing"))
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("braid: error: ")
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last.startswith("braid: error: ") and "nothing" in last
+    assert "neither a checkpoint" in last
     out = braid("eval", "report", str(tmp_path))
     assert out.returncode == 2 and "no results.json" in out.stderr
 

@@ -18,7 +18,7 @@ def _matmul_weights(module: nn.Module) -> int:
     return total
 
 
-_CASES = [(name, kind) for name in ("tiny", "samba-421m", "griffin", "mamba2-hybrid")
+_CASES = [(name, kind) for name in ("tiny", "samba-421m", "griffin", "mamba2-hybrid", "nemotron-h")
           for kind in sorted(set(get_preset(name).layer_types))]
 
 
@@ -75,7 +75,7 @@ def test_recurrent_mixers_are_linear_in_seq_len_beyond_a_chunk():
         cfg = get_preset(name)
         for kind in set(cfg.layer_types) - {"swa", "attention"}:
             assert sublayer_flops(cfg, kind, 4096) == sublayer_flops(cfg, kind, 8192), (name, kind)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown sublayer kind 'conv'"):
         sublayer_flops(get_preset("tiny"), "conv", 128)
 
 
@@ -84,7 +84,7 @@ def test_mfu_arithmetic_and_device_peaks():
     per_token = model_flops_per_token(cfg, 256)
     assert mfu(1e6, cfg, 256, 1e15) == pytest.approx(1e6 * per_token / 1e15)
     assert mfu(2e6, cfg, 256, 1e15) == pytest.approx(2 * mfu(1e6, cfg, 256, 1e15))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="peak_flops=0.0: must be positive"):
         mfu(1.0, cfg, 256, 0.0)
     assert device_peak_flops("NVIDIA H100 80GB HBM3") == DEVICE_PEAK_FLOPS["H100 SXM"] == 989e12
     assert device_peak_flops("NVIDIA H100 PCIe") == 756e12

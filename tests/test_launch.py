@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from launch import owner
+from test_train import assert_resumed_from, tag_logged_records
 from launch.cli import main as braid
 from launch.settings import LaunchConfig, SlurmSettings, slurm_time_seconds
 
@@ -265,6 +266,8 @@ def test_launch_local_two_ranks_stop_on_signal_and_resume(tmp_path, tiny_overrid
     saved = int(open(os.path.join(run_dir, "checkpoints", "latest")).read().split("_")[1])
     assert 3 <= saved < 400 and _logged_steps(run_dir) == list(range(1, saved + 1))
 
+    tag_logged_records(run_dir)
     resumed = _launch_local(overrides + [f"train.stop_after={saved + 3}"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert_resumed_from(run_dir, saved)
     assert _logged_steps(run_dir) == list(range(1, saved + 4))  # continued from the checkpoint, no step twice

@@ -7,6 +7,7 @@ import torch
 from conftest import SMALL_PRESETS, small_preset
 from model import HybridLM, KernelUnavailable, generate
 from model.kernels import _warn_once
+from model.layers import LinearSpec
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,7 +25,7 @@ def test_prefill_then_decode_equals_parallel_forward(name):
     assert rel_err(torch.cat(steps, 1), full) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["tiny", "mamba2-hybrid"])
+@pytest.mark.parametrize("name", ["tiny", "mamba2-hybrid", "nemotron-h"])
 def test_chunked_continuation_equals_parallel_forward(name):
     # the form long-context perplexity uses: chunks that carry every layer's state
     model = HybridLM(small_preset(name)).eval()
@@ -36,7 +37,7 @@ def test_chunked_continuation_equals_parallel_forward(name):
     assert rel_err(torch.cat(chunks, 1), full) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["tiny", "mamba2-hybrid", "griffin"])
+@pytest.mark.parametrize("name", ["tiny", "mamba2-hybrid", "griffin", "nemotron-h"])
 def test_packed_documents_equal_documents_alone(name):
     model = HybridLM(small_preset(name)).eval()
     lengths = [13, 1, 22, 9]
@@ -100,7 +101,36 @@ def test_cache_memory_is_constant_without_full_attention(pattern, grows):
             model(torch.randint(0, 256, (1, 1)), cache=cache)
             if t in (40, 299):
                 sizes[t] = cache.nbytes()
-    assert (sizes[299] > sizes[40]) == grows
+    assert sizes[299] > sizes[40] if grows else sizes[299] == sizes[40]
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_attention_without_rope_sees_a_set_of_earlier_tokens(rope):
+    """model.attn.rope=false (Nemotron-H): no positions, so the last query's output does not depend on the
+    order of the tokens before it; with RoPE it does. Checked against dense softmax attention in float64."""
+    from model.layers import Attention
+    from model.sequence import sequence_info
+    cfg = small_preset("tiny", attn=dict(rope=rope))
+    layer = Attention(cfg, LinearSpec(), window=None).double()
+    x = torch.randn(1, 12, cfg.d_model, dtype=torch.float64)
+    shuffled = torch.cat([x[:, torch.randperm(11)], x[:, 11:]], dim=1)
+    run = lambda t: layer(t, sequence_info((1, 12), t.device))[0, -1]
+    assert torch.allclose(run(x), run(shuffled), atol=1e-12) != rope
+    if not rope:                               # the definition: softmax(q k^T / sqrt(d)) v over all 12 tokens
+        q = layer.q_proj(x[0, -1]).view(cfg.attn.n_heads, -1)
+        k = layer.k_proj(x[0]).view(12, cfg.n_kv_heads, -1).repeat_interleave(cfg.attn.n_heads // cfg.n_kv_heads, 1)
+        v = layer.v_proj(x[0]).view(12, cfg.n_kv_heads, -1).repeat_interleave(cfg.attn.n_heads // cfg.n_kv_heads, 1)
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q, k) / cfg.head_dim ** 0.5, dim=-1)
+        assert torch.allclose(run(x), layer.o_proj(torch.einsum("ht,thd->hd", weights, v).flatten()), atol=1e-12)
+
+
+def test_relu2_mlp_is_ungated_squared_relu():
+    from model.layers import MLP
+    mlp = MLP(small_preset("tiny", mlp_activation="relu2"), LinearSpec()).double()
+    assert not hasattr(mlp, "gate_proj")
+    x = torch.randn(3, 5, mlp.up_proj.in_features, dtype=torch.float64)
+    h = x @ mlp.up_proj.weight.T
+    assert torch.allclose(mlp(x), (h.clamp(min=0) ** 2) @ mlp.down_proj.weight.T, atol=1e-12)
 
 
 def test_training_step_lowers_loss():

@@ -172,13 +172,13 @@ def test_default_block_size():
 def test_invalid_inputs():
     q, k, v = make_qkv(Lq=8)
     seg = torch.zeros(2, 8, dtype=torch.long)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Lk >= Lq"):
         attention(q, k[:, :, :4], v[:, :, :4], window=None)  # Lk < Lq
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Hq % Hkv == 0"):
         attention(q[:, :3], k, v, window=None)  # Hq % Hkv != 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="window must be >= 1"):
         attention(q, k, v, window=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="both q_segments and k_segments"):
         attention(q, k, v, window=4, q_segments=seg)  # only one of the two
 
 

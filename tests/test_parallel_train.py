@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conversion.checkpoint import load_training_checkpoint
-from test_train import braid_train, losses, torchrun, write_config
+from test_train import assert_resumed_from, braid_train, losses, tag_logged_records, torchrun, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,10 @@ def test_layouts_match_one_process(tmp_path, shards, single, nproc, overrides):
     layout = {"tp": tp, "pp": pp, "dp": nproc // (tp * pp)}
     info = json.loads((tag / "braid.json").read_text())
     assert (info["step"], info["layout"]) == (3, layout)
+    if tp == pp == 1:     # each data-parallel rank saved its ZeRO partition, of the stage asked for
+        for dp_rank in range(layout["dp"]):    # files this test just wrote: trusted, full unpickling
+            saved = torch.load(tag / f"zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt", weights_only=False)
+            assert int(saved["optimizer_state_dict"]["zero_stage"]) == int(settings["parallel.zero_stage"])
     if pp > 1:      # one file per pipeline layer and tensor-parallel rank, each rank's shard of the weights
         for rank in range(tp):
             embed = torch.load(tag / f"layer_00-model_{rank:02d}-model_states.pt", weights_only=True)
@@ -101,7 +105,9 @@ def test_pipeline_resume_is_exact_and_layout_is_checked(tmp_path, shards):
     assert other.stderr.strip().splitlines()[-1].endswith(
         "step_00000003 was saved with tp=1 pp=2 dp=1, this run has tp=1 pp=1 dp=1: "
         "resume with the same parallel.tp/pp and number of ranks")
+    tag_logged_records(str(tmp_path / "b" / "run"))
     assert torchrun(broken, 2, "parallel.pp=2").returncode == 0
+    assert_resumed_from(str(tmp_path / "b" / "run"), 3)
     assert losses(str(tmp_path / "b" / "run")) == losses(str(tmp_path / "a" / "run"))
 
 

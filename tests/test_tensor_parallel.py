@@ -309,7 +309,9 @@ def test_tp2_equals_single_process(tmp_path, name):
     for r in range(TP):
         assert ranks[r]["tokens_tp"] == ranks[r]["tokens_full"]
         full_cache, tp_cache = ranks[r]["cache"]
+        assert len(tp_cache) == len(full_cache)
         for i, (mine, whole) in enumerate(zip(tp_cache, full_cache)):
+            assert mine.keys() == whole.keys(), i
             for field, tensor in mine.items():
                 dim = -1 if field == "conv" else 1          # conv tails: channels last; k, v, state: heads / channels
                 expected = list(whole[field].shape)

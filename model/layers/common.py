@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..cache import RecurrentState
+from ..config import ConfigError, ModelConfig
+from ..kernels import DispatchRecord, Kernel, select
+from ..ops.conv import causal_conv1d, causal_conv1d_kernel, causal_conv1d_step, conv_kernels, conv_tail
+from ..sequence import SequenceInfo
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, group_size: int | None = None) -> Tensor:
@@ -83,3 +87,42 @@ class LinearSpec:
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
+
+
+class KernelDispatch:
+    """Mixin of the blocks whose ops choose between kernels and the reference path (model/kernels.py).
+
+    `block_name` is set by HybridLM ("layers.3 (gla)"); `dispatch` records each op's path in the
+    last forward.
+    """
+    block_name = "block"
+
+    def init_dispatch(self, cfg: ModelConfig) -> None:
+        self.kernels = cfg.kernels
+        self.dispatch = DispatchRecord()
+
+    def choose(self, op: str, candidates: list[tuple[Kernel, str | None]], device: torch.device,
+               continuing: bool = False) -> Kernel | None:
+        return select(self.kernels, self.block_name, op, candidates, device, self.dispatch, continuing)
+
+    def short_conv(self, x: Tensor, conv: nn.Conv1d, seq: SequenceInfo, cache: RecurrentState | None,
+                   silu: bool, documents: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The block's depthwise causal conv over x (B, L, C) (then silu if asked), on a kernel or the
+        reference, and the conv state a cache keeps (None without a cache). documents=False: the
+        row is one sequence (Mamba-1 with packed_resets=flow)."""
+        continuing = cache is not None and not cache.empty
+        weight = conv.weight[:, 0]
+        choice = self.choose("conv", conv_kernels(x.shape[-1], weight.shape[1]), x.device, continuing)
+        if choice is None:
+            if continuing and x.shape[1] == 1:
+                y, state = causal_conv1d_step(x[:, 0], weight, conv.bias, cache.conv)
+                y = y.unsqueeze(1)
+            else:
+                y, state = causal_conv1d(x, weight, conv.bias, cache.conv if continuing else None,
+                                         seq.reset if documents else None)
+            return (F.silu(y) if silu else y), state
+        seq_idx = seq.seq_idx if documents and seq.packed else None
+        y = causal_conv1d_kernel(choice.name, x, weight, conv.bias, seq_idx,
+                                 seq.cu_seqlens if documents else seq.row_cu_seqlens, silu)
+        state = conv_tail(x, weight.shape[1], seq.segments if documents else None) if cache is not None else None
+        return y, state

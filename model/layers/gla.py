@@ -4,7 +4,8 @@ q, k at d_model * expand_k, v at d_model * expand_v, split into heads; a low-ran
 decay gate Linear(d, 16) -> Linear(16, K) then logsigmoid / 16 gives a per-key-dim
 log decay; per head S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t and o_t = (q_t K^-1/2) S_t;
 then per-head RMSNorm, a swish output gate, and o_proj.
-Cache (`RecurrentState`): state (B, H, K, V) in fp32.
+Cache (`RecurrentState`): state (B, H, K, V) in fp32. Kernel: fla's chunk_gla over packed rows
+through cu_seqlens.
 """
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from torch import Tensor, nn
 
 from ..cache import RecurrentState
 from ..config import ModelConfig
-from ..kernels import kernel, use_kernel
-from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
+from ..ops.linear_attention import GLA_TRITON, chunk_linear_attention, linear_attention_kernel, linear_attention_step
 from ..sequence import SequenceInfo
-from .common import LinearSpec, RMSNorm, rms_norm
+from .common import KernelDispatch, LinearSpec, RMSNorm, rms_norm
 
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(KernelDispatch, nn.Module):
     output_projections = ("o_proj",)
 
     def __init__(self, cfg: ModelConfig, spec: LinearSpec):
@@ -28,7 +28,8 @@ class GatedLinearAttention(nn.Module):
         key_dim, value_dim = int(cfg.d_model * g.expand_k), int(cfg.d_model * g.expand_v)
         self.n_heads = spec.local(g.n_heads, "model.gla.n_heads")
         self.head_k, self.head_v = key_dim // g.n_heads, value_dim // g.n_heads
-        self.normalizer, self.chunk_size, self.kernels = g.gate_logit_normalizer, g.chunk_size, cfg.kernels
+        self.normalizer, self.chunk_size = g.gate_logit_normalizer, g.chunk_size
+        self.init_dispatch(cfg)
         self.q_proj = spec.column(cfg.d_model, key_dim, False)
         self.k_proj = spec.column(cfg.d_model, key_dim, False)
         self.v_proj = spec.column(cfg.d_model, value_dim, False)
@@ -52,9 +53,9 @@ class GatedLinearAttention(nn.Module):
         v = heads(self.v_proj(x), self.head_v)
         log_decay = heads(F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.normalizer, self.head_k)
         continuing = cache is not None and not cache.empty
-        if not continuing and not seq.packed and use_kernel(self.kernels, ("fla",), x.device):
-            chunk_gla = kernel("fla.ops.gla", "chunk_gla")
-            o, state = chunk_gla(q, k, v, log_decay, scale=1.0, output_final_state=cache is not None)
+        if self.choose("scan", [(GLA_TRITON, None)], x.device, continuing) is not None:
+            o, state = linear_attention_kernel(q, k, v, log_decay, seq.cu_seqlens,
+                                               seq.last_documents if cache is not None else None)
         elif continuing and length == 1:
             o, state = linear_attention_step(q[:, 0].float(), k[:, 0].float(), v[:, 0].float(), log_decay[:, 0], cache.state)
             o = o.unsqueeze(1)

@@ -6,6 +6,8 @@ Parameter names and shapes follow `transformers`' Mamba2Mixer: in_proj emits
 then y = RMSNorm(y * silu(z)) per group, out_proj. The scan is chunked linear
 attention with q = C, k = B, v = dt * x and a scalar log decay dt * A.
 Cache (`RecurrentState`): conv tail (B, K-1, conv_dim) and state (B, H, N, P).
+Kernels: the conv on causal-conv1d or fla's conv, the scan on fla's chunk_simple_gla (SSD's
+scalar-decay form) over packed rows through cu_seqlens.
 """
 from __future__ import annotations
 
@@ -15,21 +17,20 @@ from torch import Tensor, nn
 
 from ..cache import RecurrentState
 from ..config import ModelConfig
-from ..kernels import kernel, use_kernel
-from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_tail
-from ..ops.linear_attention import chunk_linear_attention, linear_attention_step
+from ..ops.linear_attention import (SIMPLE_GLA_TRITON, chunk_linear_attention, linear_attention_kernel,
+                                    linear_attention_step)
 from ..sequence import SequenceInfo
-from .common import LinearSpec, RMSNorm
+from .common import KernelDispatch, LinearSpec, RMSNorm
 from .mamba import init_dt_bias
 
 
-class Mamba2(nn.Module):
+class Mamba2(KernelDispatch, nn.Module):
     output_projections = ("out_proj",)
 
     def __init__(self, cfg: ModelConfig, spec: LinearSpec):
         super().__init__()
         m = self.cfg = cfg.mamba
-        self.kernels = cfg.kernels
+        self.init_dispatch(cfg)
         self.n_heads = spec.local(cfg.mamba2_heads, "d_inner / model.mamba.head_dim (Mamba-2 heads)")
         self.n_groups = spec.local(m.n_groups, "model.mamba.n_groups")
         self.head_dim, self.d_state = m.head_dim, m.d_state
@@ -60,34 +61,34 @@ class Mamba2(nn.Module):
 
     def forward(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None = None) -> Tensor:
         continuing = cache is not None and not cache.empty
-        if not continuing and use_kernel(self.kernels, ("mamba_ssm", "causal_conv1d"), x.device):
-            return self._forward_cuda(x, seq, cache)
         batch, length, _ = x.shape
         z, xbc, dt = self._split(self.in_proj(x))
-        conv_weight = self.conv1d.weight[:, 0]
-        if continuing and length == 1:
-            xbc, conv_state = causal_conv1d_step(xbc[:, 0], conv_weight, self.conv1d.bias, cache.conv)
-            xbc = xbc.unsqueeze(1)
-        else:
-            xbc, conv_state = causal_conv1d(xbc, conv_weight, self.conv1d.bias,
-                                            cache.conv if continuing else None, seq.reset)
-        xs, B, C = F.silu(xbc).split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        xbc, conv_state = self.short_conv(xbc, self.conv1d, seq, cache, silu=True)
+        scan = self.choose("scan", [(SIMPLE_GLA_TRITON, None)], x.device, continuing)
+        xs, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())                   # (B, L, H)
-        log_decay = (dt * -torch.exp(self.A_log.float())).transpose(1, 2).unsqueeze(-1)   # (B, H, L, 1)
+        log_decay = dt * -torch.exp(self.A_log.float())                      # (B, L, H)
         per_head = self.n_heads // self.n_groups
-        groups_to_heads = lambda t: t.float().view(batch, length, self.n_groups, self.d_state) \
-            .repeat_interleave(per_head, dim=2).transpose(1, 2)                           # (B, H, L, N)
-        xs = xs.float().view(batch, length, self.n_heads, self.head_dim)
-        v = (xs * dt.unsqueeze(-1)).transpose(1, 2)                                       # (B, H, L, P)
-        if continuing and length == 1:
-            y, state = linear_attention_step(groups_to_heads(C)[:, :, 0], groups_to_heads(B)[:, :, 0],
-                                             v[:, :, 0], log_decay[:, :, 0], cache.state)
-            y = y.unsqueeze(2)
+        groups_to_heads = lambda t: t.view(batch, length, self.n_groups, self.d_state) \
+            .repeat_interleave(per_head, dim=2)                                           # (B, L, H, N)
+        xs = xs.view(batch, length, self.n_heads, self.head_dim)
+        if scan is not None:
+            v = (xs.float() * dt.unsqueeze(-1)).to(xs.dtype)                              # (B, L, H, P)
+            y, state = linear_attention_kernel(groups_to_heads(C), groups_to_heads(B), v, log_decay, seq.cu_seqlens,
+                                               seq.last_documents if cache is not None else None)
+            y = y.float()
         else:
-            y, state = chunk_linear_attention(groups_to_heads(C), groups_to_heads(B), v, log_decay,
-                                              initial_state=cache.state if continuing else None,
-                                              reset=seq.reset, chunk_size=self.cfg.chunk_size)
-        y = y.transpose(1, 2) + xs * self.D.float().view(-1, 1)
+            C, B = (groups_to_heads(t).float().transpose(1, 2) for t in (C, B))             # (B, H, L, N)
+            v = (xs.float() * dt.unsqueeze(-1)).transpose(1, 2)                             # (B, H, L, P)
+            log_decay = log_decay.transpose(1, 2).unsqueeze(-1)                             # (B, H, L, 1)
+            if continuing and length == 1:
+                y, state = linear_attention_step(C[:, :, 0], B[:, :, 0], v[:, :, 0], log_decay[:, :, 0], cache.state)
+                y = y.unsqueeze(2)
+            else:
+                y, state = chunk_linear_attention(C, B, v, log_decay, initial_state=cache.state if continuing else None,
+                                                  reset=seq.reset, chunk_size=self.cfg.chunk_size)
+            y = y.transpose(1, 2)
+        y = y + xs.float() * self.D.float().view(-1, 1)
         if cache is not None:
             cache.conv, cache.state = conv_state, state
         return self._gated_out(y.reshape(batch, length, self.d_inner), z)
@@ -95,24 +96,3 @@ class Mamba2(nn.Module):
     def _gated_out(self, y: Tensor, z: Tensor) -> Tensor:
         # gate before the norm (mamba_ssm's norm_before_gate=False), normalised per group
         return self.out_proj(self.norm((y * F.silu(z.float())).to(z.dtype)))
-
-    def _forward_cuda(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None) -> Tensor:
-        causal_conv1d_fn = kernel("causal_conv1d", "causal_conv1d_fn")
-        mamba_chunk_scan_combined = kernel("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
-
-        batch, length, _ = x.shape
-        z, xbc, dt = self._split(self.in_proj(x))
-        seq_idx = seq.segments.int() if seq.segments is not None else None
-        xbc_conv = causal_conv1d_fn(xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias,
-                                    seq_idx=seq_idx, activation="silu").transpose(1, 2)
-        xs, B, C = xbc_conv.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
-        out = mamba_chunk_scan_combined(
-            xs.view(batch, length, self.n_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
-            B.view(batch, length, self.n_groups, self.d_state), C.view(batch, length, self.n_groups, self.d_state),
-            chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx,
-            return_final_states=cache is not None)
-        y = out[0] if cache is not None else out
-        if cache is not None:
-            cache.conv = conv_tail(xbc, self.conv1d.weight.shape[-1], seq.segments)
-            cache.state = out[1].float().transpose(-1, -2)                     # (B, H, P, N) -> (B, H, N, P)
-        return self._gated_out(y.reshape(batch, length, self.d_inner), z)

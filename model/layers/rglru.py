@@ -7,6 +7,8 @@ RG-LRU per channel, with gates from block-diagonal linears over heads:
 At a document start (position 0) a_t = 0 and the sqrt factor is 1, as in RecurrentGemma.
 Parameter names follow `transformers`' RecurrentGemmaRecurrentBlock.
 Cache (`RecurrentState`): conv tail (B, K-1, width) and state (B, width) in fp32.
+Kernels: the conv on causal-conv1d or fla's conv, the recurrence on fla's elementwise gated
+recurrence (fused_recurrent_hgrn) over packed rows through cu_seqlens.
 """
 from __future__ import annotations
 
@@ -16,10 +18,9 @@ from torch import Tensor, nn
 
 from ..cache import RecurrentState
 from ..config import ModelConfig
-from ..ops.conv import causal_conv1d, causal_conv1d_step
-from ..ops.scan import linear_scan
+from ..ops.scan import SCAN_TRITON, linear_scan, linear_scan_kernel
 from ..sequence import SequenceInfo
-from .common import LinearSpec
+from .common import KernelDispatch, LinearSpec
 
 _MAX_SQRT_GRADIENT = 1000.0
 
@@ -66,22 +67,25 @@ class RGLRU(nn.Module):
         blocks = x.unflatten(-1, (self.n_heads, self.block_width))
         return torch.sigmoid(torch.einsum("...hi,hij->...hj", blocks, weight) + bias).flatten(-2)
 
-    def forward(self, x: Tensor, doc_start: Tensor, initial: Tensor | None) -> Tensor:
-        """x: (B, L, width); doc_start: (B, L) bool; initial: (B, width) or None -> h (B, L, width) fp32."""
+    def forward(self, x: Tensor, doc_start: Tensor, initial: Tensor | None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """x: (B, L, width); doc_start: (B, L) bool; initial: (B, width) or None -> h (B, L, width) fp32.
+        cu_seqlens: run the recurrence on fla's kernel, documents from a zero state (no initial)."""
         x = x.float()
         input_gate = self._gate(x, self.input_gate_weight.float(), self.input_gate_bias.float())
         recurrent_gate = self._gate(x, self.recurrent_gate_weight.float(), self.recurrent_gate_bias.float())
         log_a = -self.c * recurrent_gate * F.softplus(self.recurrent_param.float())
         start = doc_start.unsqueeze(-1)
         multiplier = torch.where(start, 1.0, _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a)))
-        a = torch.exp(log_a).masked_fill(start, 0.0)
         drive = x * input_gate * multiplier
+        if cu_seqlens is not None:       # a document's first step multiplies a zero state: log_a is moot there
+            return linear_scan_kernel(log_a, drive, cu_seqlens)
+        a = torch.exp(log_a).masked_fill(start, 0.0)
         if x.shape[1] == 1 and initial is not None:
             return (a[:, 0] * initial + drive[:, 0]).unsqueeze(1)
         return linear_scan(a, drive, initial)
 
 
-class RecurrentBlock(nn.Module):
+class RecurrentBlock(KernelDispatch, nn.Module):
     output_projections = ("linear_out",)
 
     def __init__(self, cfg: ModelConfig, spec: LinearSpec):
@@ -89,6 +93,7 @@ class RecurrentBlock(nn.Module):
         r = cfg.rglru
         self.width = spec.local(cfg.rglru_width, "model.rglru.width (RG-LRU width)")
         self.init_std = cfg.init_std
+        self.init_dispatch(cfg)
         self.linear_y = spec.column(cfg.d_model, cfg.rglru_width, True)
         self.linear_x = spec.column(cfg.d_model, cfg.rglru_width, True)
         self.linear_out = spec.row(cfg.rglru_width, cfg.d_model, True)
@@ -103,16 +108,12 @@ class RecurrentBlock(nn.Module):
         return RecurrentState()
 
     def forward(self, x: Tensor, seq: SequenceInfo, cache: RecurrentState | None = None) -> Tensor:
-        y = F.gelu(self.linear_y(x), approximate="tanh")
-        x = self.linear_x(x)
         continuing = cache is not None and not cache.empty
-        conv_weight = self.conv_1d.weight[:, 0]
-        if continuing and x.shape[1] == 1:
-            x, conv_state = causal_conv1d_step(x[:, 0], conv_weight, self.conv_1d.bias, cache.conv)
-            x = x.unsqueeze(1)
-        else:
-            x, conv_state = causal_conv1d(x, conv_weight, self.conv_1d.bias, cache.conv if continuing else None, seq.reset)
-        h = self.rg_lru(x, seq.positions == 0, cache.state if continuing else None)
+        y = F.gelu(self.linear_y(x), approximate="tanh")
+        x, conv_state = self.short_conv(self.linear_x(x), self.conv_1d, seq, cache, silu=False)
+        scan = self.choose("scan", [(SCAN_TRITON, None)], x.device, continuing)
+        h = self.rg_lru(x, seq.positions == 0, cache.state if continuing else None,
+                        seq.cu_seqlens if scan is not None else None)
         if cache is not None:
             cache.conv, cache.state = conv_state, h[:, -1]
         return self.linear_out((h * y.float()).to(y.dtype))

@@ -7,6 +7,8 @@ One definition, three implementations:
                        torch's SDPA; sliding-window attention uses a blocked kernel that is
                        O(Lq * W) in time and memory.
 * ``flash_attention``  the CUDA fast path through flash-attn (imported lazily).
+* ``flex_attention``   torch's FlexAttention with a block-sparse causal + window + document
+                       mask: the kernel where flash-attn is not built (compiled on CUDA).
 
 Conventions shared by all three
 -------------------------------
@@ -26,19 +28,30 @@ float32 (float64 stays float64), the output has q's dtype, and a query that sees
 gets a zero output rather than NaN.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import kernel
+from ..kernels import Kernel, flash_attn_rule, kernel
+from .precision import full_precision
+
+ATTN_CUDA = Kernel("flash_attn.varlen", ("flash_attn",), "cuda")
+ATTN_FLEX = Kernel("torch.flex_attention", (), "torch")
+
+
+def attention_kernels(head_dim: int) -> list[tuple[Kernel, str | None]]:
+    """The attention kernels in order of preference, each with the shape rule it breaks (or None)."""
+    return [(ATTN_CUDA, flash_attn_rule(head_dim)), (ATTN_FLEX, None)]
 
 # `enable_gqa` appeared in torch 2.5; this file also runs as Hugging Face remote code on
 # whatever torch the user has, so fall back to expanding k/v on older versions.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+@full_precision
 def attention(
     q: Tensor,
     k: Tensor,
@@ -101,12 +114,15 @@ def flash_attention(
     q_segments: Tensor | None = None,
     k_segments: Tensor | None = None,
     scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> Tensor:
     """CUDA path through flash-attn 2. Same contract as ``attention``.
 
     Computes in bf16 unless the inputs are already fp16/bf16. With segments, the row's
     documents are packed into flash-attn's varlen format; this needs Lq == Lk and
-    q_segments == k_segments, each document a contiguous run of equal ids.
+    q_segments == k_segments, each document a contiguous run of equal ids. ``cu_seqlens``
+    and ``max_seqlen`` (``SequenceInfo``'s, shared by every layer) save deriving them again.
     """
     # Lazy: the CPU paths and remote-code loading must work without flash-attn installed.
     flash_attn_func = kernel("flash_attn", "flash_attn_func")
@@ -122,7 +138,7 @@ def flash_attention(
     # flash-attn wants (B, L, H, D); a transposed view is fine as long as D is contiguous.
     q_, k_, v_ = (x.transpose(1, 2).to(half) for x in (q, k, v))
 
-    if q_segments is None:
+    if q_segments is None and cu_seqlens is None:
         out = flash_attn_func(
             q_, k_, v_, softmax_scale=scale, causal=True, window_size=window_size
         )
@@ -131,9 +147,10 @@ def flash_attention(
             raise ValueError(
                 f"flash_attention with segments needs Lq == Lk (no cache prefix), got {Lq=} {Lk=}"
             )
-        if not torch.equal(q_segments, k_segments):
-            raise ValueError("flash_attention with segments needs q_segments == k_segments")
-        cu_seqlens, max_seqlen = _cu_seqlens(q_segments)
+        if cu_seqlens is None:
+            if q_segments is not k_segments and not torch.equal(q_segments, k_segments):
+                raise ValueError("flash_attention with segments needs q_segments == k_segments")
+            cu_seqlens, max_seqlen = _cu_seqlens(q_segments)
         out = flash_attn_varlen_func(
             q_.reshape(B * Lq, Hq, D),
             k_.reshape(B * Lk, Hkv, D),
@@ -147,6 +164,34 @@ def flash_attention(
             window_size=window_size,
         ).view(B, Lq, Hq, D)
     return out.transpose(1, 2).to(q.dtype)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, seq_idx: Tensor,
+                   scale: float | None = None, masks: dict | None = None) -> Tensor:
+    """torch's FlexAttention, no cache prefix (Lq == Lk). Same contract as ``attention``, the
+    documents given by ``seq_idx`` (B, L) (each a contiguous run). ``masks``: a dict to keep the
+    block mask in (``SequenceInfo.derived``), so the layers of one forward build it once per window.
+    """
+    from torch.nn.attention import flex_attention as flex
+
+    B, Hq, L, D = q.shape
+    key = ("flex_block_mask", window)
+    block_mask = masks.get(key) if masks is not None else None
+    if block_mask is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            visible = (kv_idx <= q_idx) & (seq_idx[b, q_idx] == seq_idx[b, kv_idx])
+            return visible if window is None else visible & (q_idx - kv_idx < window)
+        block_mask = flex.create_block_mask(mask_mod, B, None, L, L, device=q.device, _compile=q.is_cuda)
+        if masks is not None:
+            masks[key] = block_mask
+    run = _compiled_flex_attention() if q.is_cuda else flex.flex_attention
+    return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != Hq)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention import flex_attention as flex
+    return torch.compile(flex.flex_attention, dynamic=False)
 
 
 def default_block_size(window: int) -> int:

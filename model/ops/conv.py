@@ -1,8 +1,44 @@
-"""Depthwise causal 1-D convolution (Mamba's and Griffin's short conv) with state and resets."""
+"""Depthwise causal 1-D convolution (Mamba's and Griffin's short conv) with state and resets.
+
+`causal_conv1d` is the reference path; `causal_conv1d_kernel` runs causal-conv1d's CUDA kernel
+(documents by seq_idx) or fla's Triton kernel (documents by cu_seqlens) on the same contract.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from ..kernels import Kernel, causal_conv1d_rule, kernel
+
+CONV_CUDA = Kernel("causal_conv1d", ("causal_conv1d",), "cuda")
+CONV_TRITON = Kernel("fla.causal_conv1d", ("fla",), "triton")
+
+
+def conv_kernels(channels: int, width: int) -> list[tuple[Kernel, str | None]]:
+    """The conv kernels in order of preference, each with the shape rule it breaks (or None)."""
+    return [(CONV_CUDA, causal_conv1d_rule(channels, width)), (CONV_TRITON, None)]
+
+
+def causal_conv1d_kernel(name: str, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
+                         cu_seqlens: Tensor, silu: bool) -> Tensor:
+    """`causal_conv1d` without state, then silu if asked, on kernel `name`.
+
+    x (B, L, C); the documents: seq_idx (B, L) int32 (None: one per row) for causal-conv1d,
+    cu_seqlens (N+1,) int32 of the flattened rows for fla.
+    """
+    batch, length, channels = x.shape
+    if name == CONV_CUDA.name:
+        causal_conv1d_fn = kernel("causal_conv1d", "causal_conv1d_fn")
+        # channel-last (B, C, L) view, as seq_idx requires; its strides must be multiples of 8
+        if x.stride(-1) != 1 or x.stride(1) % 8 or x.stride(0) % 8:
+            x = x.contiguous()
+        y = causal_conv1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx, activation="silu" if silu else None)
+        return y.transpose(1, 2)
+    fla_conv = kernel("fla.modules.causal_conv1d", "causal_conv1d")
+    y, _ = fla_conv(x.reshape(1, batch * length, channels), weight, bias, activation="silu" if silu else None,
+                    cu_seqlens=cu_seqlens.long())
+    return y.view(batch, length, channels)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -43,7 +79,7 @@ def conv_tail(inputs: Tensor, width: int, segment: Tensor | None = None) -> Tens
     if segment is not None:
         same_doc = segment[:, -(width - 1):] == segment[:, -1:]
         tail = tail * same_doc.unsqueeze(-1).to(tail.dtype)
-    return torch.nn.functional.pad(tail, (0, 0, width - 1 - tail.shape[1], 0))
+    return F.pad(tail, (0, 0, width - 1 - tail.shape[1], 0))
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:

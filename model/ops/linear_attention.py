@@ -10,7 +10,8 @@ head and step (B, H, L, 1) (Mamba-2/SSD). q is used as given (callers pre-scale)
 
 `linear_attention_naive` is the definition, a loop over `linear_attention_step`.
 `chunk_linear_attention` is the chunked form used for training and prefill; it is
-plain PyTorch, differentiated by autograd.
+plain PyTorch, differentiated by autograd. `linear_attention_kernel` runs fla's Triton kernels
+(chunk_gla for per-key decay, chunk_simple_gla for scalar decay) on packed rows through cu_seqlens.
 """
 from __future__ import annotations
 
@@ -20,12 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import Kernel, kernel
+from .precision import full_precision
+
+GLA_TRITON = Kernel("fla.chunk_gla", ("fla",), "triton")
+SIMPLE_GLA_TRITON = Kernel("fla.chunk_simple_gla", ("fla",), "triton")
+
 # Side of the diagonal blocks of the intra-chunk decay tensor that the per-key-decay case
 # materializes; see _intra_chunk_vector. Smaller blocks mean less elementwise work and a
 # few more (cheap) matmuls: on CPU, 8 runs GLA shapes ~1.7x faster than 16.
 SUB_CHUNK = 8
 
 
+@full_precision
 def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
                           state: Tensor) -> tuple[Tensor, Tensor]:
     """One token. q, k: (B, H, K); v: (B, H, V); log_decay: (B, H, K) or (B, H, 1);
@@ -36,6 +44,25 @@ def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
     state = torch.addcmul(g.exp().unsqueeze(-1) * state, k.unsqueeze(-1), v.unsqueeze(-2))
     o = (q.unsqueeze(-2) @ state).squeeze(-2)
     return o.to(v.dtype), state
+
+
+def linear_attention_kernel(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, cu_seqlens: Tensor,
+                            last_documents: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """`chunk_linear_attention` without initial state on fla's kernels, in fla's layout.
+
+    q, k: (B, L, H, K); v: (B, L, H, V); log_decay: (B, L, H, K) (GLA) or (B, L, H) (scalar, SSD);
+    cu_seqlens (N+1,) int32: the documents of the rows flattened into one (fla's varlen form needs
+    batch 1). last_documents (B,): the document whose final state each row hands to a cache, or None
+    for no state. Returns o (B, L, H, V) in v's dtype and the states (B, H, K, V) float32 or None.
+    """
+    batch, length = q.shape[:2]
+    flat = lambda t: t.reshape(1, batch * length, *t.shape[2:])
+    scalar = log_decay.dim() == 3
+    chunk = kernel("fla.ops.simple_gla", "chunk_simple_gla") if scalar else kernel("fla.ops.gla", "chunk_gla")
+    o, states = chunk(flat(q), flat(k), flat(v), g=flat(log_decay), scale=1.0, output_final_state=last_documents is not None,
+                      cu_seqlens=cu_seqlens.long())
+    o = o.view(batch, length, *o.shape[2:]).to(v.dtype)
+    return o, (states[last_documents].float() if last_documents is not None else None)
 
 
 def linear_attention_naive(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
@@ -58,6 +85,7 @@ def linear_attention_naive(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
     return torch.stack(outputs, dim=2), state
 
 
+@full_precision
 def chunk_linear_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
                            initial_state: Tensor | None = None, reset: Tensor | None = None,
                            chunk_size: int = 64) -> tuple[Tensor, Tensor]:

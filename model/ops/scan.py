@@ -12,12 +12,19 @@ O(L log chunk_size) work with only O(L / chunk_size) sequential Python steps:
 Only products of a's and sums are formed: nothing is exponentiated and nothing is
 divided by a, so a = 0 (a document reset) is exact and the result is as stable as
 the sequential loop. Its backward is the same scan run backwards in time.
+
+`linear_scan_kernel` runs the same recurrence, a = exp(log_a), on fla's Triton elementwise
+recurrence (`fused_recurrent_hgrn`) over packed rows through cu_seqlens.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ..kernels import Kernel, kernel
+
+SCAN_TRITON = Kernel("fla.fused_recurrent_hgrn", ("fla",), "triton")
 
 
 def linear_scan_naive(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -43,6 +50,19 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, chunk_size: int 
         raise ValueError(f"a and b must have the same shape and dtype, got {tuple(a.shape)} {a.dtype} "
                          f"and {tuple(b.shape)} {b.dtype}")
     return _LinearScan.apply(a, b, h0, chunk_size)
+
+
+def linear_scan_kernel(log_a: Tensor, b: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """h_t = exp(log_a_t) * h_{t-1} + b_t from a zero state at every document start.
+
+    log_a, b: (B, L, D) float32; cu_seqlens (N+1,) int32 of the rows flattened into one.
+    Returns h (B, L, D) float32.
+    """
+    batch, length, width = b.shape
+    recurrence = kernel("fla.ops.hgrn", "fused_recurrent_hgrn")
+    h, _ = recurrence(b.reshape(1, batch * length, width), log_a.reshape(1, batch * length, width),
+                      cu_seqlens=cu_seqlens.long())
+    return h.view(batch, length, width)
 
 
 class _LinearScan(torch.autograd.Function):

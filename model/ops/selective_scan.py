@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .precision import full_precision
 from .scan import linear_scan_nograd
 
 # inner Hillis-Steele chunk: 4 rounds, then a short carry loop over the T/16 sub-chunks
@@ -42,6 +43,7 @@ def selective_scan_naive(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return torch.stack(ys, dim=1), h
 
 
+@full_precision
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None = None,
                    reset: Tensor | None = None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Chunked fused scan; same arguments and results as `selective_scan_naive`.
