@@ -9,7 +9,7 @@ STREAMING := mosaicml-streaming==0.13.0
 # pytest workers: CI and dev machines have 2 cores
 JOBS ?= 2
 
-.PHONY: env env-hf4 gguf slurm test test-hf4 test-gguf test-kernels kernels bench train smoke clean
+.PHONY: env env-hf4 gguf slurm test test-hf4 test-gguf test-kernels kernels bench train smoke experiments clean
 
 env: $(STAMP)
 
@@ -131,6 +131,11 @@ SMOKE_STEPS ?= 20
 
 smoke: $(STAMP)
 	SMOKE_STEPS=$(SMOKE_STEPS) .ci/smoke
+
+# the small-scale reproduction of the hybrids' headline behaviours (experiments/RESULTS.md); PRESET=smoke|cpu|gpu
+PRESET ?= cpu
+experiments: $(STAMP)
+	$(PY) -m experiments.hybrids --preset $(PRESET)
 
 clean:
 	rm -rf $(VENV) $(HF4_VENV)

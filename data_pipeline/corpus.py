@@ -4,7 +4,9 @@ Real text, available offline on every machine, PSF-licensed (the licence is copi
   * the reference documentation shipped as `pydoc_data.topics` (prose, one document per topic);
   * the source of every stdlib module (docstrings, comments and code), one document per top-level
     function or class (with its decorators and the comment block above it) plus one document for
-    the rest of each module (module docstring, imports, constants).
+    the rest of each module (module docstring, imports, constants); or, with `documents="modules"`,
+    one document per whole module, source order kept (long documents: a few hundred are longer than
+    4096 tokens, for perplexity far past a short training length).
 
 Tests, IDLE, lib2to3, distutils, encodings (code tables) and site-packages are left out. Order is
 deterministic (sorted paths, source order), and the .gz files carry no timestamp, so one Python
@@ -63,8 +65,8 @@ def _module_documents(source: str) -> Iterator[tuple[str, str]]:
         yield name, "".join(lines[first:last])
 
 
-def stdlib_documents() -> Iterator[dict]:
-    """Every corpus document, in a deterministic order."""
+def stdlib_documents(documents: str = "pieces") -> Iterator[dict]:
+    """Every corpus document, in a deterministic order; `documents`: pieces (per def/class) or modules."""
     version = platform.python_version()
     root = sysconfig.get_paths()["stdlib"]
     try:
@@ -81,6 +83,11 @@ def stdlib_documents() -> Iterator[dict]:
             pieces = list(_module_documents(source))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue   # a handful of files are templates or other encodings
+        if documents == "modules":
+            if source.strip():
+                yield {"id": f"python-{version}/Lib/{rel}", "text": source,
+                       "url": f"https://github.com/python/cpython/blob/v{version}/Lib/{rel}"}
+            continue
         for name, text in pieces:
             yield {"id": f"python-{version}/Lib/{rel}#{name}", "text": text,
                    "url": f"https://github.com/python/cpython/blob/v{version}/Lib/{rel}"}
@@ -91,10 +98,10 @@ def _write_gzip(path: str, text: str) -> None:
         gz.write(text.encode("utf-8"))   # no name or timestamp in the header: reproducible bytes
 
 
-def build_corpus(out_dir: str, parts: int = 4) -> dict:
+def build_corpus(out_dir: str, parts: int = 4, documents: str = "pieces") -> dict:
     """Write `parts` files part-0000.jsonl.gz ... of about equal size, a meta.json and the PSF licence."""
     out_dir = resolve_path(out_dir)
-    docs = list(stdlib_documents())
+    docs = list(stdlib_documents(documents))
     lines = [json.dumps(d, ensure_ascii=False) + "\n" for d in docs]
     total = sum(len(line) for line in lines)
     tmp = f"{out_dir}.tmp{os.getpid()}"
@@ -113,7 +120,8 @@ def build_corpus(out_dir: str, parts: int = 4) -> dict:
     licence = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
     if os.path.isfile(licence):
         shutil.copyfile(licence, os.path.join(tmp, "LICENSE-PSF.txt"))
-    meta = {"builder": "python_stdlib", "python": platform.python_version(), "documents": len(docs),
+    meta = {"builder": "python_stdlib", "document_kind": documents, "python": platform.python_version(),
+            "documents": len(docs),
             "chars": sum(len(d["text"]) for d in docs), "files": part,
             "license": "PSF-2.0 (Python Software Foundation License; see LICENSE-PSF.txt)"}
     with open(os.path.join(tmp, META), "w") as f:
@@ -132,17 +140,22 @@ def ensure_corpus(recipe: Recipe) -> dict | None:
     meta_path = os.path.join(out_dir, META)
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
-            return json.load(f)
+            meta = json.load(f)
+        if meta.get("document_kind", "pieces") == recipe.corpus.documents:
+            return meta
+        print(f"braid: {out_dir} holds {meta.get('document_kind', 'pieces')} documents, the recipe asks for "
+              f"{recipe.corpus.documents}: rebuilding it", file=sys.stderr)
     print(f"braid: building the {recipe.corpus.builder} corpus in {out_dir}", file=sys.stderr)
-    return build_corpus(out_dir, recipe.corpus.parts)
+    return build_corpus(out_dir, recipe.corpus.parts, recipe.corpus.documents)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--parts", type=int, default=4)
+    parser.add_argument("--documents", choices=("pieces", "modules"), default="pieces")
     args = parser.parse_args(argv)
-    print(json.dumps(build_corpus(args.out_dir, args.parts), indent=2))
+    print(json.dumps(build_corpus(args.out_dir, args.parts, args.documents), indent=2))
     return 0
 
 

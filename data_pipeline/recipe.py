@@ -10,6 +10,9 @@ directory. Values shown are the defaults, except where a key is required or mark
       builder: python_stdlib          #   the only builder: docs + code of this interpreter's stdlib
       path: data/corpus/python_stdlib #   folder it writes part-NNNN.jsonl.gz into (point an input at it)
       parts: 4                        #   files, so that `executor.tasks` can share them out
+      documents: pieces               #   pieces: one document per top-level def/class (+ the module's rest);
+                                      #   modules: one document per whole module (long documents, for
+                                      #   long-context evaluation: experiments/configs/stdlib_modules.yaml)
     inputs:                           # (required) one or more sources, read in this order
       - type: jsonl                   # jsonl (plain, .gz, .zst) | parquet | hf_disk (datasets.save_to_disk)
         path: data/corpus/python_stdlib   # (required) a file, or a folder (searched recursively)
@@ -82,6 +85,7 @@ class CorpusSpec:
     builder: str = "python_stdlib"
     path: str = "data/corpus/python_stdlib"
     parts: int = 4
+    documents: str = "pieces"
 
 
 @dataclass
@@ -235,6 +239,7 @@ INPUT_TYPES = ("jsonl", "parquet", "hf_disk")
 DEDUP_METHODS = ("none", "exact", "minhash")
 EXECUTORS = ("local", "slurm")
 CORPUS_BUILDERS = ("python_stdlib",)
+CORPUS_DOCUMENTS = ("pieces", "modules")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 
 
@@ -267,6 +272,9 @@ def _check(recipe: Recipe) -> None:
             raise ValueError(f"recipe.inputs[{i}].compression: {spec.compression!r} is not infer, gzip, zstd or null")
     if recipe.corpus is not None and recipe.corpus.builder not in CORPUS_BUILDERS:
         raise ValueError(f"recipe.corpus.builder: {recipe.corpus.builder!r} is not one of {', '.join(CORPUS_BUILDERS)}")
+    if recipe.corpus is not None and recipe.corpus.documents not in CORPUS_DOCUMENTS:
+        raise ValueError(f"recipe.corpus.documents: {recipe.corpus.documents!r} is not one of "
+                         f"{', '.join(CORPUS_DOCUMENTS)}")
     if recipe.dedup.method not in DEDUP_METHODS:
         raise ValueError(f"recipe.dedup.method: {recipe.dedup.method!r} is not one of {', '.join(DEDUP_METHODS)}")
     if not 0.0 <= recipe.validation < 1.0:

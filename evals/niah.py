@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(lm: EvalModel, out_dir: str, lengths: list[int] = (1024, 2048, 4096),
         depths: list[float] = (0.0, 0.25, 0.5, 0.75, 1.0), samples: int = 5, seed: int = 0, batch_size: int = 8,
-        max_new_tokens: int = task.MAX_NEW_TOKENS, progress: bool = True) -> dict[str, Any]:
+        max_new_tokens: int = task.MAX_NEW_TOKENS, progress: bool = True, repeat_context: int = 1) -> dict[str, Any]:
     """Run the suite, write out_dir/results.json and niah.png, return the record."""
     return retrieval.run_grid(lm, out_dir, SUITE, task, lengths=lengths, depths=depths, samples=samples, seed=seed,
-                              batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                              repeat_context=repeat_context)

@@ -9,9 +9,16 @@ bounded, and average the NLL of each predicted token by its position in log2 buc
     python -m ... eval ppl --length 16384 --chunk 1024 --samples 4 --text held_out.txt
 
 Position of a token = how many tokens precede it in its window (1 .. length-1); bucket
-[2^k, 2^(k+1)). Windows are cut from one continuous token stream (documents of --data
-rows concatenated with the EOS tokens the pipeline put between them; --text is one
-document), so no document boundary is given to the model.
+[2^k, 2^(k+1)). Windows are document-bounded: each lies inside one document (--text is one
+document; an MDS split's documents are read back from its rows' `doc_starts`), so a token's
+position is really that much context of its own text. Windows start at the beginning of
+distinct documents at least `length` tokens long, drawn by the seed; when fewer documents
+are that long, further non-overlapping windows of the long ones are taken (starting at
+length, 2*length ... into the document). Position past the training length therefore needs
+documents longer than it (experiments/configs/stdlib_modules.yaml builds such a split).
+--cross-documents cuts the windows from the documents' concatenated stream instead, EOS
+tokens between them and no boundary given to the model (the behaviour before windows were
+document-bounded).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,7 +40,9 @@ SUITE = "ppl"
 SMOKE: dict[str, Any] = {"length": 96, "chunk": 24, "samples": 2, "batch_size": 2}
 
 DEFAULTS: dict[str, Any] = {"length": 16384, "chunk": 1024, "samples": 4, "text": None, "data": None,
-                            "seed": 0, "batch_size": 1, "progress": True}
+                            "seed": 0, "batch_size": 1, "cross_documents": False, "progress": True}
+# documents found before an MDS split stops being read (windows are drawn among them)
+ENOUGH_DOCUMENTS_PER_SAMPLE = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--text", default=None, help="plain text file of held-out text")
     source.add_argument("--data", default=None, help="MDS split folder (e.g. data/tiny/val) of held-out rows")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="which windows are drawn")
+    parser.add_argument("--cross-documents", action="store_true",
+                        help="cut windows from the concatenated token stream, across document boundaries "
+                             "(default: each window inside one document)")
 
 
 # ---- NLL ---------------------------------------------------------------------------------------
@@ -120,8 +133,8 @@ def bucket_scores(nll: Tensor, train_length: int | None) -> dict[str, Any]:
 
 # ---- text sources ----------------------------------------------------------------------------
 
-def mds_tokens(folder: str, max_tokens: int) -> np.ndarray:
-    """The first max_tokens tokens of an MDS split (rows in order, concatenated) via data_pipeline's reader."""
+def mds_rows(folder: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, doc_starts inside the row) of an MDS split's rows in order, via data_pipeline's reader."""
     from data_pipeline.mds import StreamingDataset, hold_shared_memory
     from data_pipeline.streaming import StreamSource, _make_streams, _streaming_setup
 
@@ -131,14 +144,38 @@ def mds_tokens(folder: str, max_tokens: int) -> np.ndarray:
         dataset = StreamingDataset(streams=_make_streams([StreamSource(path=folder)], verify_hashes=False),
                                    batch_size=1, shuffle=False)
         hold_shared_memory(dataset)
-    rows, total = [], 0
     for i in range(dataset.num_samples):
-        row = np.asarray(dataset[i]["tokens"], dtype=np.int64)
+        sample = dataset[i]
+        row = np.asarray(sample["tokens"], dtype=np.int64)
+        starts = np.asarray(sample.get("doc_starts", np.zeros(0)), dtype=np.int64)
+        yield row, starts[starts < len(row)]
+
+
+def mds_tokens(folder: str, max_tokens: int) -> np.ndarray:
+    """The first max_tokens tokens of an MDS split (rows in order, concatenated)."""
+    return mds_documents(folder, stop=lambda tokens, lengths: tokens >= max_tokens)[0]
+
+
+def mds_documents(folder: str, stop: Callable[[int, list[int]], bool]) -> tuple[np.ndarray, np.ndarray]:
+    """(token stream, start offset of each document in it) of an MDS split, rows read in order until
+    stop(tokens read, lengths of the documents completed so far) or the split ends.
+
+    A task's rows are one continuous stream, and the first row of each task starts a document, so
+    the rows' `doc_starts` give the documents back (the last one of a task lacks the tail the
+    pipeline dropped; the last one read may be cut where reading stopped).
+    """
+    rows, starts, lengths, total = [], [0], [], 0
+    for row, row_starts in mds_rows(folder):
+        for start in (row_starts + total).tolist():
+            if start > starts[-1]:
+                lengths.append(start - starts[-1])
+                starts.append(start)
         rows.append(row)
         total += len(row)
-        if total >= max_tokens:
+        if stop(total, lengths):
             break
-    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    stream = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return stream, np.asarray(starts if total else [], dtype=np.int64)
 
 
 def run_val_split(lm: EvalModel) -> str | None:
@@ -160,13 +197,15 @@ def run_val_split(lm: EvalModel) -> str | None:
     return None
 
 
-def load_stream(lm: EvalModel, text: str | None, data: str | None, need: int) -> tuple[np.ndarray, str]:
-    """Token stream (at least `need` tokens wanted) and a description of where it came from."""
+def load_stream(lm: EvalModel, text: str | None, data: str | None, length: int, samples: int,
+                cross_documents: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(token stream, document start offsets in it, description of the source)."""
     if text is not None:
         if not os.path.isfile(text):
             raise ValueError(f"text={text!r}: no such file")
         with open(text, encoding="utf-8") as f:
-            return np.asarray(lm.encode(f.read()), dtype=np.int64), f"text:{os.path.abspath(text)}"
+            stream = np.asarray(lm.encode(f.read()), dtype=np.int64)
+        return stream, np.zeros(1, np.int64), f"text:{os.path.abspath(text)}"
     if data is None:
         data = run_val_split(lm)
         if data is None:
@@ -174,19 +213,64 @@ def load_stream(lm: EvalModel, text: str | None, data: str | None, need: int) ->
                              "could not be located from the model's run config")
     if not os.path.isdir(data):
         raise ValueError(f"data={data!r}: no such folder")
-    return mds_tokens(data, need), f"mds:{os.path.abspath(data)}"
+    if cross_documents:
+        stop = lambda tokens, lengths: tokens >= length * samples                          # noqa: E731
+    else:       # enough long documents to draw from (or the whole split)
+        stop = lambda tokens, lengths: sum(n >= length for n in lengths) >= ENOUGH_DOCUMENTS_PER_SAMPLE * samples  # noqa: E731,E501
+    stream, starts = mds_documents(data, stop)
+    return stream, starts, f"mds:{os.path.abspath(data)}"
 
 
-def draw_windows(stream: np.ndarray, length: int, samples: int, seed: int) -> Tensor:
-    """`samples` windows of `length` tokens: distinct non-overlapping slots when the stream has enough."""
-    if len(stream) < length:
-        raise ValueError(f"length={length}: the text has only {len(stream)} tokens")
+def window_starts(stream_length: int, doc_starts: np.ndarray, length: int, samples: int, seed: int,
+                  cross_documents: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Start offsets of `samples` windows of `length` tokens, and facts about the draw for results.json.
+
+    Document-bounded (the default): every window lies inside one document. Windows at document starts
+    come first (distinct documents drawn by the seed); only when fewer documents are long enough do
+    windows further into long documents (at length, 2*length, ... from their start) fill the rest.
+    cross_documents: distinct non-overlapping slots of the whole stream, as before windows were bounded.
+    """
     rng = np.random.default_rng(seed)
-    slots = len(stream) // length
-    if slots >= samples:
-        starts = np.sort(rng.choice(slots, samples, replace=False)) * length
-    else:
-        starts = np.sort(rng.integers(0, len(stream) - length + 1, samples))
+    if stream_length < length:
+        raise ValueError(f"length={length}: the text has only {stream_length} tokens")
+    if cross_documents:
+        slots = stream_length // length
+        if slots >= samples:
+            starts = np.sort(rng.choice(slots, samples, replace=False)) * length
+        else:
+            starts = np.sort(rng.integers(0, stream_length - length + 1, samples))
+        return starts, {"windows": "stream (across document boundaries)"}
+    ends = np.append(doc_starts[1:], stream_length)
+    sizes = ends - doc_starts
+    long_enough = sizes >= length
+    by_depth: list[np.ndarray] = []           # by_depth[k]: window starts k*length into a long document
+    k = 0
+    while True:
+        fits = sizes >= (k + 1) * length
+        if not fits.any():
+            break
+        by_depth.append(doc_starts[fits] + k * length)
+        k += 1
+    available = sum(len(d) for d in by_depth)
+    if available < samples:
+        raise ValueError(f"length={length}: only {available} window(s) of {length} tokens fit inside the "
+                         f"documents read ({len(sizes)} documents, the longest {int(sizes.max(initial=0))} tokens); "
+                         f"lower --length or --samples, point --data at a split of long documents, or pass "
+                         f"--cross-documents")
+    chosen: list[int] = []
+    for depth in by_depth:
+        need = samples - len(chosen)
+        if need <= 0:
+            break
+        picked = depth if len(depth) <= need else rng.choice(depth, need, replace=False)
+        chosen += picked.tolist()
+    starts = np.sort(np.asarray(chosen, dtype=np.int64))
+    return starts, {"windows": "document-bounded (each window inside one document)",
+                    "documents_read": int(len(sizes)), "documents_long_enough": int(long_enough.sum()),
+                    "windows_at_document_start": int(np.isin(starts, doc_starts).sum())}
+
+
+def draw_windows(stream: np.ndarray, starts: np.ndarray, length: int) -> Tensor:
     return torch.from_numpy(np.stack([stream[s:s + length] for s in starts]))
 
 
@@ -232,8 +316,10 @@ def run(lm: EvalModel, out_dir: str, **options: Any) -> dict:
     options = with_defaults(SUITE, options, DEFAULTS)
     _check(options)
     length, chunk, samples, batch_size = (options[k] for k in ("length", "chunk", "samples", "batch_size"))
-    stream, source = load_stream(lm, options["text"], options["data"], length * samples)
-    windows = draw_windows(stream, length, samples, options["seed"])
+    cross = bool(options["cross_documents"])
+    stream, doc_starts, source = load_stream(lm, options["text"], options["data"], length, samples, cross)
+    starts, drawn = window_starts(len(stream), doc_starts, length, samples, options["seed"], cross)
+    windows = draw_windows(stream, starts, length)
     device = next(lm.model.parameters()).device
 
     from tqdm import tqdm
@@ -247,7 +333,7 @@ def run(lm: EvalModel, out_dir: str, **options: Any) -> dict:
     scores = bucket_scores(nll, lm.train_length)
     settings = {"length": length, "chunk": chunk, "samples": samples, "batch_size": batch_size,
                 "seed": options["seed"], "source": source, "stream_tokens": int(len(stream)),
-                "train_length": lm.train_length,
+                "train_length": lm.train_length, **drawn, "window_starts": starts.tolist(),
                 "position": "tokens before the predicted token in its window; buckets [2^k, 2^(k+1))",
                 "nll_at_train_length": "mean NLL over positions [train_length/2, train_length)",
                 "nll_beyond": "mean NLL over positions >= train_length"}

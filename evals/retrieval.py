@@ -181,6 +181,21 @@ def add_grid_arguments(parser: Any, max_new_tokens: int) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="needle positions as fractions of the filler (0 = start, 1 = end)")
     add_common_arguments(parser, max_new_tokens, samples=5)
+    add_repeat_argument(parser, "within the same length (each copy is shorter)")
+
+
+def add_repeat_argument(parser: Any, how: str) -> None:
+    parser.add_argument("--repeat-context", type=int, default=1,
+                        help="JRT-Prompt (Just Read Twice): the question, then the context this many times, "
+                             f"then the question, {how}; 1 = the plain prompt")
+
+
+def repeat_settings(repeat_context: int) -> dict[str, Any]:
+    """What results.json says about the prompt format."""
+    from evals.tasks import check_copies
+    fmt = ("plain: header, context, question" if check_copies(repeat_context) == 1 else
+           f"JRT-Prompt: question, header, the context {repeat_context} times, question")
+    return {"repeat_context": repeat_context, "prompt_format": fmt}
 
 
 def add_common_arguments(parser: Any, max_new_tokens: int, samples: int) -> None:
@@ -192,7 +207,7 @@ def add_common_arguments(parser: Any, max_new_tokens: int, samples: int) -> None
 
 
 def grid_samples(lm: EvalModel, task: ModuleType, lengths: Sequence[int], depths: Sequence[float], samples: int,
-                 seed: int, max_new_tokens: int) -> list[Sample]:
+                 seed: int, max_new_tokens: int, repeat_context: int = 1) -> list[Sample]:
     """task.make_sample for every (length, depth, index), each with its own derived seed."""
     from evals.tasks import check_depth, derive_seed
 
@@ -202,16 +217,17 @@ def grid_samples(lm: EvalModel, task: ModuleType, lengths: Sequence[int], depths
         raise ValueError("--depths: needs at least one depth in [0, 1]")
     reserve = reserve_tokens(lm, max_new_tokens)
     name = task.__name__.rsplit(".", 1)[-1]
-    return [task.make_sample(lm.count_tokens, length, depth, derive_seed(seed, name, length, depth, i), reserve)
+    return [task.make_sample(lm.count_tokens, length, depth, derive_seed(seed, name, length, depth, i), reserve,
+                             repeat_context=repeat_context)
             for length in lengths for depth in depths for i in range(samples)]
 
 
 def run_grid(lm: EvalModel, out_dir: str, suite: str, task: ModuleType, *, lengths: Sequence[int],
              depths: Sequence[float], samples: int, seed: int, batch_size: int, max_new_tokens: int,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, repeat_context: int = 1) -> dict[str, Any]:
     """A length x depth needle suite: accuracy per cell, overall accuracy, heatmap PNG."""
     check_options(batch_size=[batch_size])
-    built = grid_samples(lm, task, lengths, depths, samples, seed, max_new_tokens)
+    built = grid_samples(lm, task, lengths, depths, samples, seed, max_new_tokens, repeat_context)
     rows = evaluate(lm, built, task.score, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     progress=progress, desc=suite)
     grid = group_mean(rows, "length", "depth")
@@ -219,6 +235,6 @@ def run_grid(lm: EvalModel, out_dir: str, suite: str, task: ModuleType, *, lengt
     settings = {"lengths": list(lengths), "depths": [float(d) for d in depths], "samples": samples, "seed": seed,
                 "sample_seeds": "sha256(seed:task:length:depth:index)", "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "stop": "eos or newline", "bos": "eos" if lm.eos_id is not None
-                else None, "prompt_tokens": group_mean([{**r, "score": r["prompt_tokens"]} for r in rows], "length")}
+                else None, **repeat_settings(repeat_context), "prompt_tokens": group_mean([{**r, "score": r["prompt_tokens"]} for r in rows], "length")}
     return finish(out_dir, suite, scores, settings, lm, rows,
                   lambda path: heatmap(path, grid, figure_title(f"{suite}: accuracy {scores['accuracy']:.2f}", lm)))

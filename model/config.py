@@ -23,6 +23,7 @@ SUBLAYERS = {
 }
 STAGE_BOUNDARY = "|"
 KERNEL_MODES = ("auto", "reference", "cuda")
+INIT_SCHEMES = ("normal", "samba")
 MLP_ACTIVATIONS = ("swiglu", "relu2")
 
 
@@ -122,6 +123,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    init: str = "normal"              # normal | samba (HybridLM.reset_parameters says what each draws)
     max_seq_len: int = 4096           # training length (informational; nothing is sized by it)
     kernels: str = "auto"             # auto | reference | cuda
     mamba: MambaConfig = field(default_factory=MambaConfig)
@@ -177,6 +179,7 @@ class ModelConfig:
             _require(isinstance(value, int) and value > 0, f"model.{name}={value!r}: must be a positive integer")
         _require(self.norm_eps > 0, f"model.norm_eps={self.norm_eps}: must be > 0")
         _require(self.init_std > 0, f"model.init_std={self.init_std}: must be > 0")
+        _require(self.init in INIT_SCHEMES, f"model.init={self.init!r}: must be one of {', '.join(INIT_SCHEMES)}")
         _require(self.kernels in KERNEL_MODES, f"model.kernels={self.kernels!r}: must be one of {', '.join(KERNEL_MODES)}")
         _require(self.mlp_activation in MLP_ACTIVATIONS,
                  f"model.mlp_activation={self.mlp_activation!r}: must be one of {', '.join(MLP_ACTIVATIONS)}")
@@ -258,12 +261,13 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 # ---- presets -------------------------------------------------------------
 
 def _samba(n_pairs: int, d_model: int, n_heads: int, mlp_hidden: int) -> ModelConfig:
-    # microsoft/Samba: Mamba-1 (d_state 16, expand 2), SWA 2048 with 128-dim heads, SwiGLU, tied.
+    # microsoft/Samba: Mamba-1 (d_state 16, expand 2), SWA 2048 with 128-dim heads, SwiGLU, tied,
+    # initialised as Samba trains (its `mamba_init`).
     # packed_resets=flow: Samba trains on packed rows with mamba_simple's causal_conv1d_fn and
     # selective_scan_fn, whose state runs on across documents (SWA is still masked per document);
     # so its recipe is reproduced and mamba-ssm's CUDA scan runs. `exact` is one override away.
     return ModelConfig(
-        vocab_size=32000, d_model=d_model, pattern="M-S-" * n_pairs, mlp_hidden=mlp_hidden,
+        vocab_size=32000, d_model=d_model, pattern="M-S-" * n_pairs, mlp_hidden=mlp_hidden, init="samba",
         max_seq_len=4096, mamba=MambaConfig(version=1, d_state=16, d_conv=4, expand=2, packed_resets="flow"),
         attn=AttentionConfig(n_heads=n_heads, window=2048),
     )

@@ -55,17 +55,42 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Samba's init: N(0, 0.02) everywhere, output projections scaled by 1/sqrt(#sublayers)."""
+        """Draw every weight by the config's scheme (`model.init`), then each mixer's own parameters.
+
+        normal: N(0, init_std) for every Linear and the embedding, output projections (each mixer's
+          `output_projections`: o_proj, out_proj, down_proj, linear_out) N(0, init_std / sqrt(#sublayers)),
+          biases zero; convolutions keep PyTorch's default.
+        samba:  as microsoft/Samba trains (lit_gpt/model.py `_init_weights` with `mamba_init`): Linear
+          weights keep PyTorch's default kaiming-uniform (a=sqrt(5): std 1/sqrt(3 fan_in)), biases zero;
+          output projections the same divided by sqrt(#sublayers) (Samba's sqrt(n_residuals_per_layer *
+          n_layer)); embedding N(0, init_std) (Samba ties the head; an untied one is a Linear like the
+          others); convolutions PyTorch's default (uniform +-1/sqrt(d_conv)). At samba-421m:
+          q/k/v, in_proj, gate/up 0.0147, o_proj 0.0030, Mamba out_proj 0.0021, down_proj 0.0018.
+        Both: then each mixer's reset_special_parameters (Mamba's A_log = log(1..d_state), D = 1, dt_proj
+        uniform +-dt_rank^-0.5 with its bias the inverse softplus of a log-uniform dt; RG-LRU's gates and
+        Lambda; Mamba-2's A, D, dt bias), as Samba's Mamba module draws them. RMSNorm weights stay 1.
+        """
         std = self.cfg.init_std
-        out_std = std / math.sqrt(self.cfg.n_sublayers)
+        depth_scale = 1.0 / math.sqrt(self.cfg.n_sublayers)
+        samba = self.cfg.init == "samba"
+        tied_head = self.lm_head if self.cfg.tie_embeddings else None
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if samba and isinstance(module, nn.Linear) and module is not tied_head:
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            elif samba and isinstance(module, nn.Conv1d):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for layer in self.layers:
             for name in layer.mixer.output_projections:
-                nn.init.normal_(getattr(layer.mixer, name).weight, std=out_std)
+                weight = getattr(layer.mixer, name).weight
+                if samba:
+                    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                    weight.mul_(depth_scale)
+                else:
+                    nn.init.normal_(weight, std=std * depth_scale)
             if hasattr(layer.mixer, "reset_special_parameters"):
                 layer.mixer.reset_special_parameters()
 

@@ -506,3 +506,30 @@ def test_slurm_executor_from_recipe(tmp_path, tokenizer_path):
     assert "#SBATCH --qos" not in script
     dill.loads(dill.dumps(executors[-1]))   # what sbatch runs is this executor, pickled
     assert not (tmp_path / "out" / "train").exists()   # building submits and writes nothing
+
+
+def test_stdlib_corpus_whole_modules(tmp_path):
+    """documents: modules keeps each module whole (the long documents the experiments evaluate on);
+    pieces splits it per top-level def/class; the same text either way; a recipe asking for the
+    other kind rebuilds the corpus."""
+    import itertools
+
+    from data_pipeline.corpus import ensure_corpus, stdlib_documents
+    from data_pipeline.recipe import recipe_from_dict
+
+    modules = list(itertools.islice((d for d in stdlib_documents("modules") if "/Lib/" in d["id"]), 40))
+    assert all("#" not in d["id"] for d in modules)
+    pieces = [d for d in itertools.islice(stdlib_documents("pieces"), 20000) if "/Lib/" in d["id"]]
+    for module in modules[:10]:
+        mine = [p["text"] for p in pieces if p["id"].split("#")[0] == module["id"]]
+        assert len(mine) >= 1
+        assert sorted("".join(mine).split()) == sorted(module["text"].split())   # the same text, regrouped
+    recipe = {"output": str(tmp_path / "out"), "inputs": [{"path": str(tmp_path / "corpus")}],
+              "tokenizer": {"path": str(tmp_path / "tok.json")},
+              "corpus": {"path": str(tmp_path / "corpus"), "parts": 1, "documents": "modules"}}
+    meta = ensure_corpus(recipe_from_dict(recipe))
+    assert meta["document_kind"] == "modules" and meta["documents"] < 1000
+    meta = ensure_corpus(recipe_from_dict({**recipe, "corpus": {**recipe["corpus"], "documents": "pieces"}}))
+    assert meta["document_kind"] == "pieces" and meta["documents"] > 3000
+    with pytest.raises(ValueError, match="^recipe.corpus.documents: 'files' is not one of pieces, modules"):
+        recipe_from_dict({**recipe, "corpus": {**recipe["corpus"], "documents": "files"}})

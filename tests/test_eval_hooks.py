@@ -49,7 +49,7 @@ def tensorboard_tags(run_dir):
 
 
 def ppl_options(shards):
-    return {"length": 24, "chunk": 8, "samples": 2, "batch_size": 2, "data": shards}
+    return {"length": 16, "chunk": 8, "samples": 2, "batch_size": 2, "data": shards}     # inside 16/17-token documents
 
 
 def test_inline_evals_land_in_metrics_and_tensorboard_once_across_a_restart(tmp_path, shards, eval_tokenizer_path):
@@ -67,7 +67,7 @@ def test_inline_evals_land_in_metrics_and_tensorboard_once_across_a_restart(tmp_
     record = next(r for r in records(run_dir) if "eval/ppl/nll_mean" in r)
     assert record["step"] == 2 and record["eval/ppl/nll_mean"] > 0 and "eval/passkey/accuracy" in record
     results = tmp_path / "run" / "evals" / "step_00000002" / "ppl" / "results.json"
-    assert json.loads(results.read_text())["settings"]["length"] == 24
+    assert json.loads(results.read_text())["settings"]["length"] == 16
     assert (tmp_path / "run" / "evals" / "step_00000004" / "passkey" / "results.json").exists()
     assert (tmp_path / "run" / "evals" / "step_00000002" / "ppl.log").exists()
     tags = tensorboard_tags(run_dir)

@@ -68,9 +68,79 @@ def test_ppl_run_writes_results_and_plot(eval_model, tmp_path):
 def test_ppl_reads_mds_split(eval_model, shards, tmp_path):
     tokens = ppl.mds_tokens(shards, 100)
     assert len(tokens) >= 100 and tokens[:33].tolist() == ((tokens[0] + np.arange(33)) % 256).tolist()
-    record = ppl.run(eval_model, str(tmp_path / "out"), data=shards, length=40, chunk=7, samples=3, progress=False)
+    # documents of 17 and 16 tokens: 40-token windows only across documents, as asked
+    record = ppl.run(eval_model, str(tmp_path / "out"), data=shards, length=40, chunk=7, samples=3,
+                     cross_documents=True, progress=False)
     assert record["settings"]["source"].startswith("mds:")
+    assert record["settings"]["windows"].startswith("stream")
     assert sum(b["tokens"] for b in record["scores"]["buckets"]) == 3 * 39
+    with pytest.raises(ValueError, match=r"^length=40: only 0 window\(s\) .* the longest 17 tokens"):
+        ppl.run(eval_model, str(tmp_path / "out"), data=shards, length=40, samples=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def long_documents(tmp_path_factory):
+    """An MDS split written by the pipeline's RowPacker (33-token rows, EOS 0 after each document) from
+    documents of known lengths, most of them spanning several rows; token t of document d is 1 + d."""
+    from data_pipeline.mds import MDSWriter
+    from data_pipeline.pipeline import RowPacker
+    lengths = [50, 7, 130, 64, 12, 99, 300, 40, 70]
+    docs = [[1 + d] * n for d, n in enumerate(lengths)]
+    rows, starts = RowPacker(33, 0, "uint16").add(docs)
+    out = tmp_path_factory.mktemp("long_docs") / "val"
+    with MDSWriter(out=str(out), columns={"tokens": "ndarray:uint16", "doc_starts": "ndarray:int32"}) as writer:
+        for row, row_starts in zip(rows, starts):
+            writer.write({"tokens": row, "doc_starts": row_starts})
+    return str(out), lengths
+
+
+def test_mds_documents_come_back_from_the_rows(long_documents):
+    folder, lengths = long_documents
+    stream, starts = ppl.mds_documents(folder, stop=lambda tokens, done: False)
+    sizes = np.diff(np.append(starts, len(stream)))
+    # each document and its EOS; the last one loses the tail the packer dropped (no full row)
+    assert sizes[:-1].tolist() == [n + 1 for n in lengths[:-1]] and sizes[-1] <= lengths[-1] + 1
+    for d, (start, size) in enumerate(zip(starts, sizes)):
+        assert set(stream[start:start + size - 1].tolist()) <= {1 + d}
+
+
+def test_ppl_windows_stay_inside_one_document(long_documents):
+    folder, lengths = long_documents
+    stream, starts = ppl.mds_documents(folder, stop=lambda tokens, done: False)
+    ends = np.append(starts[1:], len(stream))
+
+    def document_of(window_start: int, length: int) -> int:
+        d = int(np.searchsorted(starts, window_start, side="right")) - 1
+        assert window_start + length <= ends[d], "window crosses a document boundary"
+        return d
+
+    # 60 tokens: documents 2, 3, 5, 6 are long enough (8 lost its tail) -> 3 windows at 3 document starts
+    chosen, facts = ppl.window_starts(len(stream), starts, 60, 3, seed=1)
+    docs = [document_of(s, 60) for s in chosen]
+    assert len(set(docs)) == 3 and set(chosen.tolist()) <= set(starts.tolist())
+    assert facts["documents_long_enough"] == 4 and facts["windows_at_document_start"] == 3
+    # more windows than long documents: the rest 60, 120 ... tokens into the long ones, never across
+    # (2 fit in document 2, 1 in 3, 1 in 5, 5 in 6)
+    chosen, facts = ppl.window_starts(len(stream), starts, 60, 9, seed=1)
+    assert len(set(chosen.tolist())) == 9 and facts["windows_at_document_start"] == 4
+    for s in chosen:
+        d = document_of(int(s), 60)
+        assert (s - starts[d]) % 60 == 0
+    # another seed draws other documents; the same seed the same ones
+    a, _ = ppl.window_starts(len(stream), starts, 30, 3, seed=0)
+    b, _ = ppl.window_starts(len(stream), starts, 30, 3, seed=0)
+    assert a.tolist() == b.tolist()
+    with pytest.raises(ValueError, match="^length=302: only 0 window"):
+        ppl.window_starts(len(stream), starts, 302, 1, seed=0)
+
+
+def test_ppl_run_on_long_documents(eval_model, long_documents, tmp_path):
+    folder, _ = long_documents
+    record = ppl.run(eval_model, str(tmp_path / "out"), data=folder, length=90, chunk=32, samples=3,
+                     progress=False)
+    settings = record["settings"]
+    assert settings["windows"].startswith("document-bounded") and settings["windows_at_document_start"] == 3
+    assert sum(b["tokens"] for b in record["scores"]["buckets"]) == 3 * 89
 
 
 @pytest.mark.parametrize("options, name", [
@@ -205,5 +275,5 @@ def test_ppl_defaults_to_the_runs_validation_split(eval_model, shards, tmp_path)
     (run_dir / "config.yaml").write_text(f"data:\n  train: [{shards}]\n  val: {shards}\n")
     lm = dataclasses.replace(eval_model, provenance={"model": str(run_dir / "checkpoints" / "step_4"),
                                                      "kind": "checkpoint"})
-    record = ppl.run(lm, str(tmp_path / "out"), length=40, chunk=16, samples=2, progress=False)
+    record = ppl.run(lm, str(tmp_path / "out"), length=16, chunk=8, samples=2, progress=False)
     assert record["settings"]["source"] == f"mds:{os.path.abspath(shards)}"

@@ -256,3 +256,41 @@ def test_cli_options_are_run_keywords(name):
     keywords = set(inspect.signature(suite.run).parameters) - {"lm", "out_dir"}
     assert set(options) == keywords and set(suite.SMOKE) <= keywords
     assert options["seed"] == 0 and options["progress"] is True
+
+
+# ---- JRT-Prompt (repeat_context) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["passkey", "niah", "phonebook"])
+def test_repeat_context_is_jrt_prompt(eval_model, name):
+    """repeat_context=2: the question first, the context twice, the question last; the same answer,
+    still found by a perfect reader; passkey/niah stay within the length, the phonebook doubles."""
+    count = eval_model.count_tokens
+    if name == "phonebook":
+        once, twice = (phonebook_task.make_sample(count, 12, 4, repeat_context=n) for n in (1, 2))
+        lines = once.prompt.split("\n\n")[1]
+        assert twice.prompt.count(lines) == 2 and once.prompt.count(lines) == 1
+        assert twice.meta["prompt_tokens"] > 1.8 * once.meta["prompt_tokens"]
+    else:
+        task = passkey_task if name == "passkey" else niah_task
+        once, twice = (task.make_sample(count, 1024, 0.5, 4, RESERVE, repeat_context=n) for n in (1, 2))
+        assert twice.prompt.count(twice.meta["needle"]) == 2 and once.prompt.count(once.meta["needle"]) == 1
+        assert twice.meta["prompt_tokens"] <= 1024 - RESERVE and once.meta["prompt_tokens"] <= 1024 - RESERVE
+        start, end = twice.meta["haystack_span"]
+        assert twice.prompt[start:end].count(twice.meta["needle"]) == 2
+    question = once.prompt.rsplit("\n", 1)[1]
+    assert twice.prompt.endswith(question) and twice.prompt.startswith(question.split("?")[0] + "?\n")
+    assert not once.prompt.startswith(question.split("?")[0])
+    assert twice.answers == once.answers and twice.meta["repeat_context"] == 2
+    assert solve(name, twice) == twice.answers[0]
+    with pytest.raises(ValueError, match="^--repeat-context"):
+        phonebook_task.make_sample(count, 12, 4, repeat_context=0)
+
+
+def test_phonebook_suite_with_repeat_context(eval_model, tmp_path):
+    record = phonebook.run(eval_model, str(tmp_path), entries=[4], samples=2, batch_size=2, progress=False,
+                           repeat_context=2)
+    assert record["settings"]["repeat_context"] == 2 and record["settings"]["prompt_format"].startswith("JRT")
+    rows = [json.loads(line) for line in open(tmp_path / retrieval.SAMPLES)]
+    assert all(r["repeat_context"] == 2 for r in rows)
+    plain = phonebook.build_samples(eval_model, [4], 2, 0)
+    assert [r["name"] for r in rows] == [s.meta["name"] for s in plain]     # the same questions

@@ -72,6 +72,22 @@ def fit_units(build: Callable[[int], str], count_tokens: CountTokens, length: in
     return lo, prompt
 
 
+def check_copies(copies: int) -> int:
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        raise ValueError(f"--repeat-context: {copies!r} must be a positive integer (1 = the context once)")
+    return copies
+
+
+def assemble(header: str, context: str, question: str, separator: str = "\n\n", copies: int = 1,
+             lead: str = "") -> str:
+    """header, context, question joined by `separator`; with copies > 1, JRT-Prompt ("Just read twice",
+    Arora et al. 2024, as their released prompts build it): `lead` (the question) first, then the header,
+    the context `copies` times and the question, so that a recurrent model reads the context knowing what
+    it will be asked, and reads it again having seen all of it."""
+    prompt = separator.join([header, *[context] * check_copies(copies), question])
+    return f"{lead}\n{prompt}" if copies > 1 and lead else prompt
+
+
 def insert_at_depth(units: list[str], needle: str, depth: float) -> tuple[list[str], int]:
     """units with needle inserted after round(depth * len(units)) of them; returns (new list, index)."""
     index = round(check_depth(depth) * len(units))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from . import CountTokens, Sample, check_depth, contains_score, fit_units
+from . import CountTokens, Sample, assemble, check_copies, check_depth, contains_score, fit_units
 from .words import ADJECTIVES, ADVERBS, CITIES, NOUNS, VERBS
 
 HEADER = ("Below is a long text with one important fact hidden in it. "
@@ -50,31 +50,35 @@ def question(key: str) -> str:
             f"The special magic number for {key} is")
 
 
-def build_prompt(filler: Filler, key: str, value: str, units: int, depth: float) -> tuple[str, int, tuple[int, int]]:
-    """(prompt, character offset of the needle, (start, end) characters of the haystack)."""
+def build_prompt(filler: Filler, key: str, value: str, units: int, depth: float,
+                 copies: int = 1) -> tuple[str, int, tuple[int, int]]:
+    """(prompt, character offset of the needle, (start, end) characters of the haystack: all its copies)."""
     sentences = filler.take(units)
     split = round(depth * units)
     needle = needle_sentence(key, value)
     haystack = " ".join(sentences[:split] + [needle] + sentences[split:])
-    prompt = f"{HEADER}\n\n{haystack}\n\n{question(key)}"
-    start = len(HEADER) + 2
-    return prompt, prompt.index(needle, start), (start, start + len(haystack))
+    ask = question(key)
+    prompt = assemble(HEADER, haystack, ask, copies=copies, lead=ask.split("?")[0] + "?")
+    end = len(prompt) - len(ask) - 2
+    start = end - (len(haystack) + 2) * copies + 2
+    return prompt, prompt.index(needle, start), (start, end)
 
 
 def make_sample(count_tokens: CountTokens, length: int, depth: float, seed: int,
-                reserve: int = MAX_NEW_TOKENS) -> Sample:
-    """The longest needle-in-a-haystack prompt within `length - reserve` tokens, needle at `depth`."""
-    depth = check_depth(depth)
+                reserve: int = MAX_NEW_TOKENS, repeat_context: int = 1) -> Sample:
+    """The longest needle-in-a-haystack prompt within `length - reserve` tokens, needle at `depth`;
+    repeat_context > 1: the haystack that many times within the same length (JRT-Prompt)."""
+    depth, copies = check_depth(depth), check_copies(repeat_context)
     rng = random.Random(seed)
     key, value = rng.choice(CITIES), str(rng.randint(1_000_000, 9_999_999))
     filler = Filler(rng.getrandbits(63))
-    units, prompt = fit_units(lambda n: build_prompt(filler, key, value, n, depth)[0], count_tokens, length,
-                              reserve, "niah", minimum=1)
-    _, needle_char, span = build_prompt(filler, key, value, units, depth)
+    units, prompt = fit_units(lambda n: build_prompt(filler, key, value, n, depth, copies)[0], count_tokens,
+                              length, reserve, "niah", minimum=1)
+    _, needle_char, span = build_prompt(filler, key, value, units, depth, copies)
     return Sample(prompt, [value], {"task": "niah", "length": length, "depth": depth, "seed": seed, "key": key,
-                                    "filler_sentences": units, "needle": needle_sentence(key, value),
-                                    "needle_char": needle_char, "haystack_span": span,
-                                    "prompt_tokens": count_tokens(prompt)})
+                                    "repeat_context": copies, "filler_sentences": units,
+                                    "needle": needle_sentence(key, value), "needle_char": needle_char,
+                                    "haystack_span": span, "prompt_tokens": count_tokens(prompt)})
 
 
 def score(prediction: str, answers: list[str]) -> float:

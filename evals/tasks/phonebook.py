@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import re
 
-from . import CountTokens, Sample
+from . import CountTokens, Sample, assemble, check_copies
 from .words import FIRST_NAMES, SURNAMES
 
 HEADER = "Below is a phonebook. Each line gives a person's name and their phone number."
@@ -18,8 +18,10 @@ def question(name: str) -> str:
     return f"What is the phone number of {name}? The phone number of {name} is"
 
 
-def make_sample(count_tokens: CountTokens, entries: int, seed: int) -> Sample:
-    """A phonebook of `entries` distinct people and a question about one of them, chosen by `seed`."""
+def make_sample(count_tokens: CountTokens, entries: int, seed: int, repeat_context: int = 1) -> Sample:
+    """A phonebook of `entries` distinct people and a question about one of them, chosen by `seed`;
+    repeat_context > 1: the phonebook that many times, JRT-Prompt style (`assemble`)."""
+    check_copies(repeat_context)
     names_available = len(FIRST_NAMES) * len(SURNAMES)
     if not 1 <= entries <= names_available:
         raise ValueError(f"--entries: {entries} is outside [1, {names_available}] (the distinct names available)")
@@ -31,9 +33,11 @@ def make_sample(count_tokens: CountTokens, entries: int, seed: int) -> Sample:
         numbers.setdefault(f"555-{rng.randint(0, 9999):04d}-{rng.randint(0, 9999):04d}", None)
     lines = [f"{name}: {number}" for name, number in zip(names, numbers)]
     query = rng.randrange(entries)
-    prompt = f"{HEADER}\n\n" + "\n".join(lines) + f"\n\n{question(names[query])}"
+    ask = question(names[query])
+    prompt = assemble(HEADER, "\n".join(lines), ask, copies=repeat_context, lead=ask.split("?")[0] + "?")
     answer = list(numbers)[query]
     return Sample(prompt, [answer], {"task": "phonebook", "entries": entries, "seed": seed, "name": names[query],
+                                     "repeat_context": repeat_context,
                                      "query_index": query, "needle": lines[query],
                                      "needle_char": prompt.index(lines[query] + "\n"),
                                      "prompt_tokens": count_tokens(prompt)})
