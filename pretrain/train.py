@@ -19,25 +19,18 @@ import secrets
 import signal
 import socket
 import time
-import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
-# DeepSpeed's ZeRO (pinned) calls a collective torch 2.13 renamed: two lines per rank of a data-parallel
-# run that no user can act on
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                        category=FutureWarning)
-
 from data_pipeline.streaming import LoaderConfig, StreamSource, build_train_loader, build_val_loader
 from model.kernels import report_off_gpu
 
 from . import checkpoint
 from .config import TrainConfig, train_config
+from .deepspeed_setup import prepare_deepspeed
 from .evals_hook import EvalHook
 from .flops import device_peak_flops, mfu
 from .parallel import ParallelEngine, plan_layout
@@ -52,6 +45,7 @@ def init_distributed() -> tuple[int, int]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    prepare_deepspeed()
     import deepspeed
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

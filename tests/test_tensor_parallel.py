@@ -233,8 +233,8 @@ def _run_case(preset: str, variant: str | None) -> dict:
 
 def _deepspeed_grad_norm(model) -> float:
     """The norm DeepSpeed clips by, with the TP group as its model-parallel group."""
-    import os
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pretrain.deepspeed_setup import prepare_deepspeed
+    prepare_deepspeed()
     import deepspeed
     from deepspeed.runtime.utils import clip_grad_norm_
 
