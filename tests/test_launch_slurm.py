@@ -102,7 +102,7 @@ def test_preempted_job_requeues_and_resumes_the_unbroken_run(cluster, tmp_path, 
     assert 3 <= saved < max_steps                               # part-way
     for line in (f"braid: job {broken_job} restart 0 on n[1-2]", "braid: USR1: asking the ranks",
                  f"requeueing job {broken_job}", f"braid: job {broken_job} restart 1 on n[1-2]",
-                 "braid: training ended with status 0"):
+                 f"braid: resumed from step {saved:,} of {max_steps:,}", "braid: training ended with status 0"):
         assert line in log, line
     # the second start resumed from step `saved`: every step is logged once (one log, appended)
     resumed, reference = records(broken), records(unbroken)
