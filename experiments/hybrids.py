@@ -384,13 +384,14 @@ def evaluate_finetuned(name: str, seed: int, run_dir: str, preset: Preset, devic
 
 def speed_side_by_side(model_dirs: dict[str, str], preset: Preset, device: str, out_dir: str) -> dict[str, Any]:
     """Prefill and decode speed and decode memory of every model at each context length, measured round-robin
-    (each model in turn at a length, `speed_repeats` rounds, the median kept) so that the load of a shared
-    machine drifts over all models alike; each measurement is the speed suite's own (evals.speed.measure_point).
+    (each model in turn at a length, `speed_repeats` rounds, the median kept, min and max beside it) so that
+    the load of a shared machine drifts over all models alike; the speed suite's own measurements
+    (evals.speed.time_side_by_side, memory_point, summarize_point).
     Writes out_dir/results.json (suite "speed", one series per model) and speed.png."""
     import torch
 
     from evals.common import load_eval_model, write_results
-    from evals.speed import MEMORY_MEASURE, measure_point, plot
+    from evals.speed import MEMORY_MEASURE, memory_point, plot, summarize_point, time_side_by_side
     path = os.path.join(out_dir, "results.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -398,28 +399,21 @@ def speed_side_by_side(model_dirs: dict[str, str], preset: Preset, device: str, 
     log(f"speed: {', '.join(model_dirs)} at {preset.speed_lengths}, {preset.speed_repeats} rounds")
     models = {name: load_eval_model(d, device=device, dtype=torch.float32).model for name, d in model_dirs.items()}
     chunk = min(1024, max(preset.speed_lengths))
-    for model in models.values():           # warm-up of both paths
-        measure_point(model, min(preset.speed_lengths), 2, 1, prefill_chunk=chunk)
     points: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for length in preset.speed_lengths:
-        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
-        for _ in range(preset.speed_repeats):
-            for name, model in models.items():
-                rounds[name].append(measure_point(model, length, preset.speed_decode_tokens, 1, 1, chunk))
-        for name, measured in rounds.items():
-            point = dict(measured[-1])
-            for key in ("decode_tokens_per_s", "decode_ms_per_step", "prefill_tokens_per_s", "prefill_s"):
-                point[key] = statistics.median(m[key] for m in measured)
-            point["decode_tokens_per_s_rounds"] = [m["decode_tokens_per_s"] for m in measured]
-            points[name].append(point)
+        # the speed suite's own measurements: every model in turn within each round, the median kept
+        times = time_side_by_side(models, length, preset.speed_decode_tokens, preset.speed_repeats, 1, chunk)
+        for name, model in models.items():
+            memory = memory_point(model, length, preset.speed_decode_tokens, 1, chunk, 0)
+            points[name].append(summarize_point(length, times[name], preset.speed_decode_tokens, 1, memory))
     settings = {"lengths": preset.speed_lengths, "decode_tokens": preset.speed_decode_tokens,
                 "rounds": preset.speed_repeats, "batch_size": 1, "prefill_chunk": chunk, "device": device,
                 "threads": torch.get_num_threads(), "models": model_dirs,
                 "patterns": {name: m.cfg.pattern for name, m in models.items()},
                 "memory_measure": MEMORY_MEASURE["cuda" if device.startswith("cuda") else "cpu"],
-                "timing": "each model in turn at each length, `rounds` times; per round one timed prefill of "
-                          "`length` tokens (in prefill_chunk pieces through the cache) and decode_tokens greedy "
-                          "single-token steps after it; the median over rounds"}
+                "timing": "each model in turn at each length (order alternating), `rounds` times; per round one "
+                          "timed prefill of `length` tokens (in prefill_chunk pieces through the cache) and "
+                          "decode_tokens greedy single-token steps continuing one cache; the median over rounds"}
     write_results(out_dir, "speed", {"points": points}, settings)
     plot(points, os.path.join(out_dir, "speed.png"), "decode/prefill speed and memory vs context")
     with open(path) as f:

@@ -140,7 +140,7 @@ def select(mode: str, block: str, op: str, candidates: list[tuple[Kernel, str | 
                                 "use model.kernels=auto or reference to run the PyTorch path")
     record[op] = REFERENCE
     record.reasons[op] = reason
-    if device.type != "cuda" and not continuing and not any(runs_on(c.runtime, device) for c, _ in candidates):
+    if device.type != "cuda" and not any(runs_on(c.runtime, device) for c, _ in candidates):
         report_off_gpu(device)
     else:
         _warn_once(f"model.kernels=auto: {block} {op} runs the PyTorch reference path ({reason})")

@@ -37,6 +37,12 @@ def test_auto_on_cpu_logs_one_line_and_records_the_reference_per_block(caplog):
     assert bypasses(record) == {block: list(ops) for block, ops in record.items()}
     assert "not importable" in model.layers[4].mixer.dispatch.reasons["attention"] or \
         "tensors are on cpu" in model.layers[4].mixer.dispatch.reasons["attention"]
+    # generation (a prefill, then cache continuations, which no kernel takes) adds no line off the GPU
+    cache = model.new_cache()
+    model(ids[:1, :10], cache=cache)
+    model(ids[:1, 10:11], cache=cache)
+    assert [r.getMessage() for r in caplog.records if "model.kernels=auto" in r.getMessage()] == messages
+    assert "cache continuation" in model.layers[2].mixer.dispatch.reasons["scan"]
 
 
 def test_reference_mode_records_without_warning():
