@@ -21,7 +21,7 @@ NEW_TOKENS = 32
 
 
 def main(hf_dir: str, run_dir: str) -> int:
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).float().eval()
     inputs = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():

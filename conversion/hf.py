@@ -394,7 +394,8 @@ def _model_card(cfg: ModelConfig, facts: dict[str, Any], n_params: int, n_embedd
             "above; its terms apply."
     lines += ["", "## Licence", "", f"`license: {license}`" + (unset if license == "other" else ".")]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(PATH)",
+              # transformers 5 reads config.json for the tokenizer too: remote code asks there as well
+              "tok = AutoTokenizer.from_pretrained(PATH" + (", trust_remote_code=True)" if fmt == "braid" else ")"),
               "model = AutoModelForCausalLM.from_pretrained(PATH"
               + (", trust_remote_code=True)" if fmt == "braid" else ")"),
               "out = model.generate(**tok('def main():', return_tensors='pt'), max_new_tokens=64)", "```", ""]

@@ -127,7 +127,7 @@ def test_folder_contents_tokenizer_and_model_card(tmp_path, trained, eval_tokeni
     assert "M-G-S-R-*-" in card and "parameters" in card and "tokens seen" in card and "max_steps: 3" in card
 
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(hf))
+    tok = AutoTokenizer.from_pretrained(str(hf), trust_remote_code=True)
     text = "the quick brown fox 123"
     assert tok(text)["input_ids"] == __import__("tokenizers").Tokenizer.from_file(eval_tokenizer_path).encode(
         text).ids
@@ -200,7 +200,7 @@ def test_release_folder_is_portable_cites_what_it_ships_and_checks_the_tokenizer
     assert "samples_file" not in shipped and (hf / "evals" / "passkey" / "passkey.png").is_file()
     assert json.loads((hf / "tokenizer_config.json").read_text())["model_max_length"] > 10 ** 12
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(hf))        # no cap: a prompt past 32 tokens draws no warning
+    tok = AutoTokenizer.from_pretrained(str(hf), trust_remote_code=True)        # no cap: a prompt past 32 tokens draws no warning
     assert tok.model_max_length > 10 ** 12 and len(tok("word " * 2000)["input_ids"]) > 2000
 
     # the tokenizer retrained in place after the data was made: refused, naming the files and hashes

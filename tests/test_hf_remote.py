@@ -154,7 +154,7 @@ def test_bf16_folder_loads_in_the_default_dtype_of_this_version(tmp_path, eval_t
     import json
     assert json.loads((hf / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(hf))
+    tok = AutoTokenizer.from_pretrained(str(hf), trust_remote_code=True)
     text = "the quick brown fox 123"
     from tokenizers import Tokenizer
     assert tok(text)["input_ids"] == Tokenizer.from_file(eval_tokenizer_path).encode(text).ids
