@@ -1,6 +1,6 @@
 """The hybrids' headline behaviours at small scale, end to end, with one command.
 
-    python -m experiments.hybrids                       # the CPU preset: 4 models x 2 seeds (about an hour+)
+    python -m experiments.hybrids                       # the CPU preset: 4 models x 2 seeds (hours: RESULTS.md)
     python -m experiments.hybrids --preset smoke        # minutes: every stage at toy size (the test runs it)
     python -m experiments.hybrids --preset gpu --device cuda     # wider, longer, on a GPU
 
