@@ -639,29 +639,14 @@ def retrieval_plots(models: dict[str, Any], meta: dict[str, Any], out: str) -> l
 
 
 def speed_plot(models: dict[str, Any], meta: dict[str, Any], out: str) -> list[str]:
-    import matplotlib.pyplot as plt
-
-    written = []
-    if all("speed" in m for m in models.values()):
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for i, (name, m) in enumerate(models.items()):
-            xs = [p["length"] for p in m["speed"]]
-            ax_t.plot(xs, [p["decode_tokens_per_s"] for p in m["speed"]], marker="o", color=f"C{i}", label=name)
-            ax_m.plot(xs, [p["decode_memory_bytes"] / 2 ** 20 for p in m["speed"]], marker="o", color=f"C{i}",
-                      label=name)
-        for ax, ylabel in ((ax_t, "decode tokens/s (batch 1)"), (ax_m, "decode memory (MiB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"Decode speed and memory vs context ({meta['device']})")
-        fig.tight_layout()
-        written.append(os.path.join(out, "speed.png"))
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    return written
+    """The speed suite's own figure of the four models side by side."""
+    from evals.speed import plot
+    if not all("speed" in m for m in models.values()):
+        return []
+    path = os.path.join(out, "speed.png")
+    plot({name: m["speed"] for name, m in models.items()}, path,
+         f"Prefill/decode speed and decode memory vs context ({meta['device']}, batch 1)")
+    return [path]
 
 
 # ---- the command ----------------------------------------------------------------------------------
