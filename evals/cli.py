@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 SUITES = ("passkey", "niah", "ruler", "phonebook", "ppl", "speed", "harness")
+EVAL_HELP = "long-context suites, perplexity, speed, lm-eval; `report` gathers"
 _COMMON = ("suite", "model", "out", "step", "device", "dtype", "tokenizer")
 
 
@@ -110,7 +111,7 @@ def suite_summary(name: str) -> str:
 
 def add_parsers(commands: Any) -> None:
     """`eval` and its per-suite subcommands, on launch/cli.py's subparsers."""
-    evaluate = commands.add_parser("eval", help="long-context suites, perplexity, speed, lm-eval; `report` gathers")
+    evaluate = commands.add_parser("eval", help=EVAL_HELP)
     suites = evaluate.add_subparsers(dest="suite", required=True)
     for name in SUITES:
         doc = suite_summary(name)

@@ -29,8 +29,14 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pretrain import train
-    return train.run(args.config, args.overrides)
+    from launch.config_io import load_config
+    from pretrain.train import run
+    result = run(load_config(args.config, args.overrides))
+    if result["rank"] == 0 and result["exit_code"] == 0:
+        print(f"done: step {result['step']}, checkpoint {result['checkpoint']}", flush=True)
+        for line in next_steps(result["run_dir"]):
+            print(f"  next: {line}", flush=True)
+    return result["exit_code"]
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -52,7 +58,8 @@ def _eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(eval_suites: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; eval_suites=False leaves `eval`'s own options out (a fast `braid --help`)."""
     parser = argparse.ArgumentParser(prog="braid", description="Pretraining stack for hybrid language models")
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="prepare corpora: tokenizer training, datatrove -> MDS shards")
@@ -111,27 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     convert.set_defaults(handler=_convert)
 
-    from evals.cli import add_parsers
-    add_parsers(commands)
+    if eval_suites:
+        from evals.cli import add_parsers
+        add_parsers(commands)
+    else:       # the suites' options import the suites (torch, lm-eval): only `braid eval ...` needs them
+        from evals.cli import EVAL_HELP         # evals/cli.py imports no suite until asked
+        commands.add_parser("eval", help=EVAL_HELP, add_help=False)
     commands.choices["eval"].set_defaults(handler=_eval)
     parser.subcommands = commands.choices
     return parser
 
 
-# What to do with a finished run, shown by `braid train` for the subcommands this install has.
-NEXT_STEPS = {
-    "convert": "braid convert to-hf {run_dir} {run_dir}/hf --overwrite",
-    "eval": "braid eval ppl {run_dir}",
-}
+# What to do with a finished run, shown by `braid train`.
+NEXT_STEPS = ("braid convert to-hf {run_dir} {run_dir}/hf --overwrite", "braid eval ppl {run_dir}")
 
 
 def next_steps(run_dir: str) -> list[str]:
-    commands = build_parser().subcommands
-    return [line.format(run_dir=run_dir) for name, line in NEXT_STEPS.items() if name in commands]
+    return [line.format(run_dir=run_dir) for line in NEXT_STEPS]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(eval_suites=argv[:1] == ["eval"])
     # options may stand between CONFIG and the overrides (`launch local CONFIG --nproc 2 k=v`): argparse
     # leaves the overrides after them unparsed, so they are collected here
     args, rest = parser.parse_known_args(argv)

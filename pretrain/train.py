@@ -330,25 +330,14 @@ def _last_checkpoint(run_dir: str) -> str:
     return os.path.join(checkpoint.checkpoint_dir(run_dir), tag) if tag else "none (no checkpoint saved yet)"
 
 
-def run(config_path: str, overrides: list[str]) -> int:
-    from launch.config_io import load_config
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    """Train from a loaded config mapping (`braid train`; launch/cli.py loads the YAML and overrides): the
+    preemption signals caught first, then `train`. Returns train's result with this process's rank."""
     StopRequest.catch()
-    cfg = train_config(load_config(config_path, overrides))
+    cfg = train_config(config)
     result = train(cfg)
     if result["exit_code"] == 0:
         # A preemption notice that comes after the last step has nothing to save: ignore it, so the
         # exiting process is not killed by it (and the launcher does not requeue a finished run).
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    if dist.get_rank() == 0 and result["exit_code"] == 0:
-        from launch.cli import next_steps
-        print(f"done: step {result['step']}, checkpoint {result['checkpoint']}", flush=True)
-        for line in next_steps(cfg.run_dir):
-            print(f"  next: {line}", flush=True)
-    return result["exit_code"]
-
-
-if __name__ == "__main__":
-    import sys
-
-    from launch.cli import main
-    raise SystemExit(main(["train", *sys.argv[1:]]))
+    return {**result, "rank": dist.get_rank(), "run_dir": cfg.run_dir}

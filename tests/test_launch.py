@@ -289,3 +289,17 @@ def test_launch_local_two_ranks_stop_on_signal_and_resume(tmp_path, tiny_overrid
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_resumed_from(run_dir, saved)
     assert _logged_steps(run_dir) == list(range(1, saved + 4))  # continued from the checkpoint, no step twice
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["launch", "slurm", "--help"],
+                                  ["convert", "to-hf", "--help"], ["data", "prepare", "--help"]])
+def test_help_answers_without_the_frameworks(args):
+    """Help is read before anything runs: it must not wait for torch, DeepSpeed, transformers or lm-eval."""
+    probe = ("import json, sys\n"
+             "from launch.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(json.dumps(sorted(m for m in ('torch', 'deepspeed', 'transformers', 'lm_eval') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe, *args], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: braid" in out.stdout and json.loads(out.stdout.strip().splitlines()[-1]) == []
