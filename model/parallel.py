@@ -42,9 +42,6 @@ with warnings.catch_warnings():
                                                reduce_from_tensor_model_parallel_region,
                                                vocab_parallel_cross_entropy)
 
-# advice for CUDA streams, given on the first backward of every run: not ours to act on
-warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
-
 
 def init_model_parallel(tp: int, pp: int = 1) -> None:
     """megatron's parallel state over the initialised default process group: groups of `tp`
@@ -56,6 +53,9 @@ def init_model_parallel(tp: int, pp: int = 1) -> None:
     if world % (tp * pp):
         raise ConfigError(f"world size {world} is not divisible by parallel.tp={tp} * parallel.pp={pp}")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # megatron's advice for CUDA streams, given on the first backward of every tensor-parallel run: not
+    # ours to act on. Set here, with the parallel state, rather than when the module is imported.
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
 
 
 def tp_rank_and_size() -> tuple[int, int]:

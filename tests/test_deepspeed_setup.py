@@ -17,12 +17,12 @@ def run_python(code: str, env: dict[str, str], timeout: float = 240) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_importing_the_trainer_changes_nothing_process_wide():
+def test_importing_the_trainer_and_the_tp_layers_changes_nothing_process_wide():
     seen = run_python(
         "import json, os, warnings\n"
         "import numpy, scipy, torch\n"       # the libraries' own filters, set when they are imported
         "before = len(warnings.filters)\n"
-        "import pretrain.train, pretrain.parallel\n"
+        "import pretrain.train, pretrain.parallel, model.parallel\n"
         "print(json.dumps({'accelerator': os.environ.get('DS_ACCELERATOR'), 'new_filters': len(warnings.filters) - before}))",
         {"DS_ACCELERATOR": None})
     assert seen == {"accelerator": None, "new_filters": 0}
