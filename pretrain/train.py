@@ -319,10 +319,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 exit_code = REQUEUE_EXIT_CODE
                 break
         evals.collect()
-        if world > 1:
-            # every rank leaves together: a rank that exits while a peer is still inside a collective
-            # makes that peer fail on the closed connection, and its launcher then reports a crash
-            dist.barrier()
     finally:
         progress.close()
         metrics.close()
