@@ -604,17 +604,9 @@ def retrieval_plots(models: dict[str, Any], meta: dict[str, Any], out: str) -> l
         lengths = list(m["passkey_by_length"])
         band(ax, [int(x) for x in lengths], [m["passkey_by_length"][x] for x in lengths], name, f"C{i}")
     ax.axvline(meta["seq_len"], color="k", linestyle="--", label="training length")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("passkey accuracy (all depths)")
-    ax.set_title("Passkey after a retrieval fine-tune at the training length")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(os.path.join(out, "passkey.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(save_accuracy_plot(fig, ax, "context length (tokens)", "passkey accuracy (all depths)",
+                                      "Passkey after a retrieval fine-tune at the training length",
+                                      os.path.join(out, "passkey.png")))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, m) in enumerate(models.items()):
@@ -624,18 +616,27 @@ def retrieval_plots(models: dict[str, Any], meta: dict[str, Any], out: str) -> l
             stats = [m[key][e] for e in entries]
             ax.plot([int(e) for e in entries], [s["mean"] for s in stats], marker="o", linestyle=style,
                     color=f"C{i}", label=f"{name}" + (" JRT (x2)" if copies == 2 else ""))
+    written.append(save_accuracy_plot(fig, ax, "phonebook entries", "lookup accuracy",
+                                      "Phonebook lookup: context once (solid) / JRT-Prompt (dashed)",
+                                      os.path.join(out, "phonebook.png"), legend_columns=2))
+    return written
+
+
+def save_accuracy_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str, legend_columns: int = 1) -> str:
+    """An accuracy (0..1) against a log2 x axis, labelled, saved to `path` and closed; returns path."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("phonebook entries")
-    ax.set_ylabel("lookup accuracy")
-    ax.set_title("Phonebook lookup: context once (solid) / JRT-Prompt (dashed)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8 if legend_columns == 1 else 7, ncol=legend_columns)
     fig.tight_layout()
-    written.append(os.path.join(out, "phonebook.png"))
-    fig.savefig(written[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return written
+    return path
 
 
 def speed_plot(models: dict[str, Any], meta: dict[str, Any], out: str) -> list[str]:
